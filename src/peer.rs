@@ -1,0 +1,398 @@
+//! A peer (one upstream server address) and its live state.
+//!
+//! Everything that changes while ferry runs lives here in atomics, so that a
+//! reload can carry an `Arc<Peer>` over to the new configuration and keep its
+//! counters, failure bookkeeping and latency estimate. Strategies read this state
+//! to skip unusable peers; they never own health themselves.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use crate::ewma::Ewma;
+
+/// Milliseconds since the process's clock base. Uses tokio's clock so that
+/// paused-time tests drive it.
+pub fn now_ms() -> u64 {
+    static BASE: OnceLock<tokio::time::Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        // Start one hour "in" so that a zero timestamp always means "long ago".
+        tokio::time::Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(tokio::time::Instant::now)
+    });
+    tokio::time::Instant::now()
+        .saturating_duration_since(base)
+        .as_millis() as u64
+}
+
+/// Static parameters of a peer, from its `[[upstream.server]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerParams {
+    /// The configured name, `host:port` as written in the file.
+    pub name: String,
+    /// Weight for weighted strategies (>= 1).
+    pub weight: u32,
+    /// Failed attempts within `fail_timeout` that make the peer unavailable; 0 disables.
+    pub max_fails: u32,
+    /// Window for counting failures and time a failed peer stays out.
+    pub fail_timeout: Duration,
+    /// Most requests in flight at once; 0 = unlimited.
+    pub max_conns: u32,
+    /// A backup peer, used only when no primary peer is usable.
+    pub backup: bool,
+    /// Marked `down` in the configuration.
+    pub down: bool,
+    /// Ramp-up time after recovering or joining; zero = none.
+    pub slow_start: Duration,
+}
+
+/// One upstream server address and its live state.
+#[derive(Debug)]
+pub struct Peer {
+    /// Unique for the life of the process; keys per-worker connection pools.
+    pub id: usize,
+    /// The socket address connected to.
+    pub addr: SocketAddr,
+    /// `addr` formatted once, for logs, metrics and headers.
+    pub addr_str: String,
+    /// Static parameters.
+    pub params: PeerParams,
+    in_flight: AtomicU32,
+    fails: AtomicU32,
+    /// ms timestamps (see [`now_ms`]) of the last failure / last probe window start.
+    accessed: AtomicU64,
+    checked: AtomicU64,
+    /// nginx's effective weight: lowered on failure, climbs back by one per pick.
+    effective_weight: AtomicI64,
+    /// Set by the runtime API or configuration; a down peer is never picked.
+    admin_down: AtomicBool,
+    /// Draining: no new requests, in-flight ones finish.
+    draining: AtomicBool,
+    /// Active health-check verdict (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// Requests completed (any outcome) through this peer.
+    requests: AtomicU64,
+    /// Response-time estimate used by `least_time`.
+    pub latency: Ewma,
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
+impl Peer {
+    /// A new peer with fresh state.
+    pub fn new(addr: SocketAddr, params: PeerParams) -> Peer {
+        let weight = i64::from(params.weight.max(1));
+        let down = params.down;
+        Peer {
+            id: NEXT_ID.fetch_add(1, Relaxed) as usize,
+            addr,
+            addr_str: addr.to_string(),
+            params,
+            in_flight: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            accessed: AtomicU64::new(0),
+            checked: AtomicU64::new(0),
+            effective_weight: AtomicI64::new(weight),
+            admin_down: AtomicBool::new(down),
+            draining: AtomicBool::new(false),
+            healthy: AtomicBool::new(true),
+            requests: AtomicU64::new(0),
+            latency: Ewma::new(),
+        }
+    }
+
+    /// Configured weight (>= 1).
+    #[inline]
+    pub fn weight(&self) -> i64 {
+        i64::from(self.params.weight.max(1))
+    }
+
+    /// Requests currently in flight to this peer.
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+
+    /// Failures counted in the current window.
+    pub fn fails(&self) -> u32 {
+        self.fails.load(Relaxed)
+    }
+
+    /// Total requests sent to this peer.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Relaxed)
+    }
+
+    /// nginx's effective weight (see NGINX semantics: lowered by failures).
+    #[inline]
+    pub fn effective_weight(&self) -> i64 {
+        self.effective_weight.load(Relaxed)
+    }
+
+    /// Let the effective weight climb back by one towards the weight (smooth WRR
+    /// does this for every usable peer it considers).
+    #[inline]
+    pub fn recover_effective_weight(&self) {
+        let w = self.weight();
+        let e = self.effective_weight.load(Relaxed);
+        if e < w {
+            self.effective_weight.store(e + 1, Relaxed);
+        }
+    }
+
+    /// True when marked down by configuration or the runtime API.
+    pub fn is_down(&self) -> bool {
+        self.admin_down.load(Relaxed)
+    }
+
+    /// Mark down / up (runtime API).
+    pub fn set_down(&self, down: bool) {
+        self.admin_down.store(down, Relaxed);
+    }
+
+    /// True while draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Start / stop draining.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Relaxed);
+    }
+
+    /// Active health verdict.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Relaxed)
+    }
+
+    /// Set the active health verdict; returns the previous one.
+    pub fn set_healthy(&self, healthy: bool) -> bool {
+        self.healthy.swap(healthy, Relaxed)
+    }
+
+    /// Passive health: failed `max_fails` times and still inside `fail_timeout`.
+    #[inline]
+    pub fn is_failed(&self, now: u64) -> bool {
+        let max = self.params.max_fails;
+        max > 0
+            && self.fails.load(Relaxed) >= max
+            && now.saturating_sub(self.checked.load(Relaxed))
+                <= self.params.fail_timeout.as_millis() as u64
+    }
+
+    /// Whether a strategy may pick this peer now (not down, draining, unhealthy,
+    /// failed, or at `max_conns`). `tried` is checked by the caller.
+    #[inline]
+    pub fn is_usable(&self, now: u64) -> bool {
+        !self.admin_down.load(Relaxed)
+            && !self.draining.load(Relaxed)
+            && self.healthy.load(Relaxed)
+            && (self.params.max_conns == 0 || self.in_flight.load(Relaxed) < self.params.max_conns)
+            && !self.is_failed(now)
+    }
+
+    /// Called when a strategy picked this peer: a peer whose failure window has
+    /// passed becomes the probe (nginx: `checked = now`).
+    #[inline]
+    pub fn on_pick(&self, now: u64) {
+        let max = self.params.max_fails;
+        if max > 0 && self.fails.load(Relaxed) >= max {
+            self.checked.store(now, Relaxed);
+        }
+    }
+
+    /// Count a failed attempt (nginx: fails += 1, accessed = checked = now,
+    /// effective_weight -= weight / max_fails). Returns true when this failure
+    /// made the peer unavailable.
+    pub fn record_failure(&self, now: u64) -> bool {
+        let max = self.params.max_fails;
+        if max == 0 {
+            return false;
+        }
+        let fails = self.fails.fetch_add(1, Relaxed) + 1;
+        self.accessed.store(now, Relaxed);
+        self.checked.store(now, Relaxed);
+        let w = self.weight();
+        let drop = w / i64::from(max);
+        let e = self.effective_weight.load(Relaxed);
+        self.effective_weight.store((e - drop).max(0), Relaxed);
+        fails == max
+    }
+
+    /// Count a success: a peer that was being probed (accessed < checked) is
+    /// forgiven its failures.
+    pub fn record_success(&self) {
+        if self.fails.load(Relaxed) > 0
+            && self.accessed.load(Relaxed) < self.checked.load(Relaxed)
+        {
+            self.fails.store(0, Relaxed);
+        }
+    }
+
+    /// Forget failures (nginx does this for every peer when none is usable).
+    pub fn reset_fails(&self) {
+        self.fails.store(0, Relaxed);
+    }
+
+    /// Take an in-flight slot; dropping the guard gives it back.
+    #[inline]
+    pub fn start_request(self: &std::sync::Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.requests.fetch_add(1, Relaxed);
+        InFlight(self.clone())
+    }
+}
+
+/// Holds one in-flight slot on a peer until dropped (at the end of the response body).
+#[derive(Debug)]
+pub struct InFlight(std::sync::Arc<Peer>);
+
+impl InFlight {
+    /// The peer this slot belongs to.
+    pub fn peer(&self) -> &std::sync::Arc<Peer> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Set of peer indices already tried for one request. Inline up to 128 peers.
+#[derive(Debug, Default, Clone)]
+pub struct Tried {
+    bits: [u64; 2],
+    more: Vec<u64>,
+}
+
+impl Tried {
+    /// An empty set.
+    pub fn new() -> Tried {
+        Tried::default()
+    }
+
+    /// Whether `idx` was tried.
+    #[inline]
+    pub fn contains(&self, idx: usize) -> bool {
+        let (w, b) = (idx / 64, idx % 64);
+        let word = if w < 2 {
+            self.bits[w]
+        } else {
+            self.more.get(w - 2).copied().unwrap_or(0)
+        };
+        word & (1 << b) != 0
+    }
+
+    /// Mark `idx` as tried.
+    pub fn insert(&mut self, idx: usize) {
+        let (w, b) = (idx / 64, idx % 64);
+        if w < 2 {
+            self.bits[w] |= 1 << b;
+        } else {
+            let i = w - 2;
+            if self.more.len() <= i {
+                self.more.resize(i + 1, 0);
+            }
+            self.more[i] |= 1 << b;
+        }
+    }
+
+    /// Number of indices tried.
+    pub fn len(&self) -> usize {
+        self.bits
+            .iter()
+            .chain(self.more.iter())
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// True when nothing was tried.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    pub(crate) fn params(weight: u32, max_fails: u32) -> PeerParams {
+        PeerParams {
+            name: "p".into(),
+            weight,
+            max_fails,
+            fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
+            backup: false,
+            down: false,
+            slow_start: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn tried_set_handles_large_indices() {
+        let mut t = Tried::new();
+        assert!(t.is_empty());
+        for i in [0, 63, 64, 127, 128, 500] {
+            assert!(!t.contains(i));
+            t.insert(i);
+            assert!(t.contains(i));
+        }
+        assert_eq!(t.len(), 6);
+        assert!(!t.contains(1) && !t.contains(499));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_follow_nginx_rules() {
+        let p = Arc::new(Peer::new("127.0.0.1:1".parse().unwrap(), params(4, 2)));
+        let now = now_ms();
+        assert!(p.is_usable(now));
+        assert!(!p.record_failure(now));
+        assert_eq!(p.effective_weight(), 2);
+        assert!(p.is_usable(now));
+        assert!(p.record_failure(now));
+        assert_eq!(p.effective_weight(), 0);
+        assert!(!p.is_usable(now));
+        // Still out inside fail_timeout.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!p.is_usable(now_ms()));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        let later = now_ms();
+        assert!(p.is_usable(later));
+        // Picked as the probe: the window restarts, so it is out again for others...
+        p.on_pick(later);
+        assert!(!p.is_usable(later));
+        // ...and a success of the probe clears the count.
+        tokio::time::advance(Duration::from_millis(5)).await;
+        p.record_success();
+        assert_eq!(p.fails(), 0);
+        assert!(p.is_usable(now_ms()));
+    }
+
+    #[test]
+    fn max_fails_zero_disables_passive_health() {
+        let p = Peer::new("127.0.0.1:1".parse().unwrap(), params(1, 0));
+        for _ in 0..10 {
+            assert!(!p.record_failure(1000));
+        }
+        assert!(p.is_usable(1000));
+    }
+
+    #[test]
+    fn in_flight_guard_counts() {
+        let p = Arc::new(Peer::new("127.0.0.1:1".parse().unwrap(), params(1, 1)));
+        let g1 = p.start_request();
+        let g2 = p.start_request();
+        assert_eq!(p.in_flight(), 2);
+        drop(g1);
+        assert_eq!(p.in_flight(), 1);
+        drop(g2);
+        assert_eq!(p.in_flight(), 0);
+        assert_eq!(p.requests(), 2);
+    }
+}
