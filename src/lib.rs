@@ -2,7 +2,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod accesslog;
+pub mod admin;
 pub mod balance;
+pub mod body;
+pub mod client;
 pub mod config;
+pub mod conn;
+pub mod demo;
 pub mod ewma;
+pub mod metrics;
 pub mod peer;
+pub mod proxy;
+pub mod runtime;
+pub mod server;

@@ -76,6 +76,96 @@ pub struct Peer {
     requests: AtomicU64,
     /// Response-time estimate used by `least_time`.
     pub latency: Ewma,
+    /// Counters exported as metrics.
+    pub stats: PeerStats,
+    /// Idle pooled connections to this peer, across all workers.
+    pub idle_conns: AtomicU32,
+}
+
+/// Why an attempt to a peer failed (the `reason` label of `ferry_upstream_fails_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    /// TCP connect refused, reset or unreachable.
+    Connect,
+    /// Connect, header or body read timed out.
+    Timeout,
+    /// The connection failed while sending or receiving.
+    Error,
+    /// The response could not be parsed.
+    InvalidHeader,
+    /// A status listed in `next_upstream` (500, 502, 503, 504, 429 ...).
+    Status,
+}
+
+impl FailReason {
+    /// All reasons, in label order.
+    pub const ALL: [FailReason; 5] = [
+        FailReason::Connect,
+        FailReason::Timeout,
+        FailReason::Error,
+        FailReason::InvalidHeader,
+        FailReason::Status,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailReason::Connect => "connect",
+            FailReason::Timeout => "timeout",
+            FailReason::Error => "error",
+            FailReason::InvalidHeader => "invalid_header",
+            FailReason::Status => "http_status",
+        }
+    }
+}
+
+/// Per-peer counters, read at scrape time (no label lookups on the request path).
+#[derive(Debug)]
+pub struct PeerStats {
+    /// New TCP connections opened to the peer.
+    pub connects: AtomicU64,
+    /// Responses by status code (index = code - 100, codes 100..=599).
+    codes: Box<[AtomicU64]>,
+    /// Failed attempts by reason (index = position in [`FailReason::ALL`]).
+    fails: [AtomicU64; 5],
+}
+
+impl Default for PeerStats {
+    fn default() -> Self {
+        PeerStats {
+            connects: AtomicU64::new(0),
+            codes: (100..600).map(|_| AtomicU64::new(0)).collect(),
+            fails: Default::default(),
+        }
+    }
+}
+
+impl PeerStats {
+    /// Count one response with this status.
+    #[inline]
+    pub fn count_status(&self, code: u16) {
+        if let Some(c) = code.checked_sub(100).and_then(|i| self.codes.get(usize::from(i))) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Non-zero status counters as (code, count).
+    pub fn statuses(&self) -> impl Iterator<Item = (u16, u64)> + '_ {
+        self.codes.iter().enumerate().filter_map(|(i, c)| {
+            let n = c.load(Relaxed);
+            (n > 0).then_some((i as u16 + 100, n))
+        })
+    }
+
+    /// Count one failed attempt.
+    pub fn count_fail(&self, reason: FailReason) {
+        self.fails[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Failed attempts for one reason.
+    pub fn fails(&self, reason: FailReason) -> u64 {
+        self.fails[reason as usize].load(Relaxed)
+    }
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
@@ -100,6 +190,8 @@ impl Peer {
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
             latency: Ewma::new(),
+            stats: PeerStats::default(),
+            idle_conns: AtomicU32::new(0),
         }
     }
 

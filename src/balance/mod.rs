@@ -1,10 +1,34 @@
 //! Balancing strategies. A strategy only chooses among peers; health lives on the peer.
+//!
+//! Each strategy reproduces nginx's method of the same name (see NGINX-SEMANTICS.md),
+//! except `least_time`, which uses ferry's own peak-EWMA (see [`crate::ewma`]).
+//! A worker thread builds its own instance with [`from_config`], so the little
+//! mutable state a strategy keeps (smooth-WRR current weights, a random seed) is
+//! touched by one thread only and lives in uncontended atomics.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use crate::config::UpstreamConfig;
+use crate::config::{StrategyKind, UpstreamConfig};
 use crate::peer::{Peer, Tried};
+
+pub mod hash;
+pub mod ip_hash;
+pub mod ketama;
+pub mod key;
+pub mod least_conn;
+pub mod least_time;
+pub mod random;
+pub mod round_robin;
+
+pub use hash::Hash;
+pub use ip_hash::IpHash;
+pub use ketama::Ketama;
+pub use key::KeyTemplate;
+pub use least_conn::LeastConn;
+pub use least_time::LeastTime;
+pub use random::Random;
+pub use round_robin::{RoundRobin, SmoothWrr};
 
 /// What a strategy may look at in a request.
 #[derive(Debug, Clone, Copy)]
@@ -17,6 +41,9 @@ pub struct RequestKey<'a> {
 
 /// Picks one peer for one request. Never blocks; no allocation on the hot path.
 /// Returns only a peer that is usable at `now` (see [`Peer::is_usable`]) and not in `tried`.
+///
+/// Picking commits: the strategy advances its own state (e.g. smooth-WRR weights)
+/// and calls [`Peer::on_pick`] on the chosen peer, as nginx's `get_peer` does.
 pub trait Strategy: Send + Sync {
     /// The index into `peers` of the chosen peer, or `None` when no peer is usable.
     fn pick(&self, peers: &[Arc<Peer>], key: &RequestKey<'_>, tried: &Tried, now: u64)
@@ -25,6 +52,286 @@ pub trait Strategy: Send + Sync {
 
 /// Build the strategy an upstream's configuration asks for, over `peers` (one list:
 /// primaries or backups). Each worker thread builds its own instance.
-pub fn from_config(_up: &UpstreamConfig, _peers: &[Arc<Peer>]) -> Box<dyn Strategy> {
-    todo!()
+pub fn from_config(up: &UpstreamConfig, peers: &[Arc<Peer>]) -> Box<dyn Strategy> {
+    match up.strategy {
+        StrategyKind::RoundRobin => Box::new(RoundRobin::new(peers.len())),
+        StrategyKind::LeastConn => Box::new(LeastConn::new(peers.len())),
+        StrategyKind::IpHash => Box::new(IpHash::new(peers)),
+        StrategyKind::Hash if up.consistent => Box::new(Ketama::new(peers)),
+        StrategyKind::Hash => Box::new(Hash::new(peers)),
+        StrategyKind::Random => Box::new(Random::new(up.random_two)),
+        StrategyKind::LeastTime => Box::new(LeastTime::new(peers.len())),
+    }
+}
+
+/// The configuration name of a balancing method (`round_robin`, `least_conn`, ...).
+pub fn describe(kind: StrategyKind) -> &'static str {
+    match kind {
+        StrategyKind::RoundRobin => "round_robin",
+        StrategyKind::LeastConn => "least_conn",
+        StrategyKind::IpHash => "ip_hash",
+        StrategyKind::Hash => "hash",
+        StrategyKind::Random => "random",
+        StrategyKind::LeastTime => "least_time",
+    }
+}
+
+/// Whether peer `i` may be chosen for this request: usable now and not yet tried.
+#[inline]
+pub fn available(peer: &Peer, i: usize, tried: &Tried, now: u64) -> bool {
+    !tried.contains(i) && peer.is_usable(now)
+}
+
+/// Indices of the peers that may be chosen for this request, in list order.
+#[inline]
+pub fn candidates<'a>(
+    peers: &'a [Arc<Peer>],
+    tried: &'a Tried,
+    now: u64,
+) -> impl Iterator<Item = (usize, &'a Arc<Peer>)> + 'a {
+    peers
+        .iter()
+        .enumerate()
+        .filter(move |(i, p)| available(p, *i, tried, now))
+}
+
+/// Sum of the configured weights of all peers, usable or not (nginx's `total_weight`).
+pub(crate) fn total_weight(peers: &[Arc<Peer>]) -> u64 {
+    peers.iter().map(|p| p.weight() as u64).sum()
+}
+
+/// nginx's walk for ip_hash and hash: the peer whose weight range holds `w`
+/// (`w < total_weight`), skipping nothing.
+#[inline]
+pub(crate) fn walk_by_weight(peers: &[Arc<Peer>], mut w: u64) -> Option<usize> {
+    for (i, p) in peers.iter().enumerate() {
+        let weight = p.weight() as u64;
+        if w < weight {
+            return Some(i);
+        }
+        w -= weight;
+    }
+    None
+}
+
+/// Mark `i` as picked (nginx: a failed peer past its window becomes the probe).
+#[inline]
+pub(crate) fn commit(peers: &[Arc<Peer>], i: usize, now: u64) -> Option<usize> {
+    peers.get(i)?.on_pick(now);
+    Some(i)
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers shared by the strategies' unit tests.
+
+    use super::*;
+    use crate::peer::PeerParams;
+    use std::time::Duration;
+
+    /// A fixed "now" for tests that do not move time.
+    pub const NOW: u64 = 10_000_000;
+
+    pub fn params(name: &str, weight: u32) -> PeerParams {
+        PeerParams {
+            name: name.to_string(),
+            weight,
+            max_fails: 1,
+            fail_timeout: Duration::from_secs(10),
+            max_conns: 0,
+            backup: false,
+            down: false,
+            slow_start: Duration::ZERO,
+        }
+    }
+
+    pub fn peer_with(name: &str, addr: &str, weight: u32) -> Arc<Peer> {
+        Arc::new(Peer::new(addr.parse().unwrap(), params(name, weight)))
+    }
+
+    pub fn peer_params(p: PeerParams) -> Arc<Peer> {
+        Arc::new(Peer::new(p.name.parse().unwrap(), p))
+    }
+
+    /// Peers named `10.0.0.<i+1>:80` with these weights.
+    pub fn peers(weights: &[u32]) -> Vec<Arc<Peer>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let name = format!("10.0.0.{}:80", i + 1);
+                peer_with(&name, &name, w)
+            })
+            .collect()
+    }
+
+    pub fn key(ip: &str) -> RequestKey<'static> {
+        RequestKey {
+            client_ip: ip.parse().unwrap(),
+            hash_key: b"",
+        }
+    }
+
+    pub fn hkey(k: &[u8]) -> RequestKey<'_> {
+        RequestKey {
+            client_ip: "192.0.2.1".parse().unwrap(),
+            hash_key: k,
+        }
+    }
+
+    /// `n` picks with no peer tried, as indices.
+    pub fn picks(s: &dyn Strategy, peers: &[Arc<Peer>], n: usize) -> Vec<usize> {
+        (0..n)
+            .map(|_| s.pick(peers, &key("192.0.2.1"), &Tried::new(), NOW).unwrap())
+            .collect()
+    }
+
+    /// Checks the availability rules every strategy must obey: a peer that is down,
+    /// failed, at max_conns, draining, unhealthy or already tried is never returned,
+    /// and `None` comes back when no peer is usable.
+    pub fn check_skips_unusable(make: impl Fn(&[Arc<Peer>]) -> Box<dyn Strategy>) {
+        const N: usize = 6;
+        let build = || -> Vec<Arc<Peer>> {
+            (0..N)
+                .map(|i| {
+                    let name = format!("10.0.1.{}:80", i + 1);
+                    let mut p = params(&name, 1);
+                    if i == 2 {
+                        p.max_conns = 1;
+                    }
+                    peer_params(p)
+                })
+                .collect()
+        };
+        let keys: Vec<(String, Vec<u8>)> = (0..200)
+            .map(|k| (format!("10.{}.{}.7", k % 256, k / 3), format!("key-{k}").into_bytes()))
+            .collect();
+        let pick_all = |s: &dyn Strategy, peers: &[Arc<Peer>], tried: &Tried| {
+            keys.iter()
+                .map(|(ip, hk)| {
+                    let k = RequestKey {
+                        client_ip: ip.parse().unwrap(),
+                        hash_key: hk,
+                    };
+                    s.pick(peers, &k, tried, NOW)
+                })
+                .collect::<Vec<_>>()
+        };
+        // Each condition alone: that peer is never chosen, the others still are.
+        for bad in 0..N {
+            let peers = build();
+            let mut tried = Tried::new();
+            let _guard;
+            match bad {
+                0 => peers[0].set_down(true),
+                1 => {
+                    peers[1].record_failure(NOW);
+                }
+                2 => _guard = peers[2].start_request(),
+                3 => peers[3].set_draining(true),
+                4 => {
+                    peers[4].set_healthy(false);
+                }
+                _ => tried.insert(5),
+            }
+            let s = make(&peers);
+            let got = pick_all(&*s, &peers, &tried);
+            assert!(got.iter().all(|g| g.is_some()), "condition {bad}: {got:?}");
+            assert!(!got.contains(&Some(bad)), "condition {bad}: picked the bad peer");
+        }
+        // All at once, except one peer: always that one.
+        let peers = build();
+        peers[0].set_down(true);
+        peers[1].record_failure(NOW);
+        let _guard = peers[2].start_request();
+        peers[3].set_draining(true);
+        peers[4].set_healthy(false);
+        let s = make(&peers);
+        let got = pick_all(&*s, &peers, &Tried::new());
+        assert!(got.iter().all(|g| *g == Some(5)), "{got:?}");
+        // ...and that one tried too: nothing.
+        let mut tried = Tried::new();
+        tried.insert(5);
+        let got = pick_all(&*s, &peers, &tried);
+        assert!(got.iter().all(|g| g.is_none()), "{got:?}");
+        // Empty list: nothing.
+        let s = make(&[]);
+        assert!(pick_all(&*s, &[], &Tried::new()).iter().all(|g| g.is_none()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NextUpstream;
+    use std::time::Duration;
+    use testutil::*;
+
+    fn upstream(strategy: StrategyKind, consistent: bool) -> UpstreamConfig {
+        UpstreamConfig {
+            name: "u".into(),
+            strategy,
+            hash_key: Some("$remote_addr".into()),
+            consistent,
+            random_two: false,
+            keepalive: 0,
+            keepalive_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+            next_upstream: NextUpstream::default(),
+            next_upstream_tries: 0,
+            next_upstream_timeout: Duration::ZERO,
+            servers: Vec::new(),
+            health_check: None,
+        }
+    }
+
+    #[test]
+    fn from_config_builds_each_kind() {
+        let ps = peers(&[5, 1, 1]);
+        // round_robin gives nginx's sequence.
+        let rr = from_config(&upstream(StrategyKind::RoundRobin, false), &ps);
+        assert_eq!(picks(&*rr, &ps, 7), [0, 0, 1, 0, 2, 0, 0]);
+        // ip_hash: 127.0.0.1 is sticky.
+        let ps3 = peers(&[1, 1, 1]);
+        let ih = from_config(&upstream(StrategyKind::IpHash, false), &ps3);
+        let k = key("127.0.0.1");
+        assert_eq!(ih.pick(&ps3, &k, &Tried::new(), NOW), Some(2));
+        // hash and hash consistent: sticky per key.
+        for consistent in [false, true] {
+            let h = from_config(&upstream(StrategyKind::Hash, consistent), &ps3);
+            let a = h.pick(&ps3, &hkey(b"abc"), &Tried::new(), NOW);
+            assert!(a.is_some());
+            for _ in 0..10 {
+                assert_eq!(h.pick(&ps3, &hkey(b"abc"), &Tried::new(), NOW), a);
+            }
+        }
+        for kind in [
+            StrategyKind::LeastConn,
+            StrategyKind::Random,
+            StrategyKind::LeastTime,
+        ] {
+            let s = from_config(&upstream(kind, false), &ps3);
+            assert!(s.pick(&ps3, &k, &Tried::new(), NOW).is_some());
+        }
+    }
+
+    #[test]
+    fn describe_names_match_config() {
+        assert_eq!(describe(StrategyKind::RoundRobin), "round_robin");
+        assert_eq!(describe(StrategyKind::LeastTime), "least_time");
+        assert_eq!(describe(StrategyKind::IpHash), "ip_hash");
+    }
+
+    #[test]
+    fn walk_by_weight_follows_ranges() {
+        let ps = peers(&[2, 1, 3]);
+        let got: Vec<_> = (0..6).map(|w| walk_by_weight(&ps, w)).collect();
+        assert_eq!(
+            got,
+            [Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)]
+        );
+        assert_eq!(walk_by_weight(&ps, 6), None);
+        assert_eq!(total_weight(&ps), 6);
+    }
 }

@@ -1,0 +1,141 @@
+//! nginx's `least_conn`: fewest in-flight requests per weight, ties by smooth WRR.
+
+use std::sync::Arc;
+
+use super::{RequestKey, SmoothWrr, Strategy, available, candidates, commit};
+use crate::peer::{Peer, Tried};
+
+/// `least_conn`: the usable peer with the lowest `in_flight / weight`; ties by smooth WRR.
+#[derive(Debug)]
+pub struct LeastConn {
+    wrr: SmoothWrr,
+}
+
+impl LeastConn {
+    /// A least_conn over a list of `n` peers.
+    pub fn new(n: usize) -> LeastConn {
+        LeastConn {
+            wrr: SmoothWrr::new(n),
+        }
+    }
+}
+
+/// `a.conns / a.weight` vs `b.conns / b.weight`, cross-multiplied as nginx does.
+#[inline]
+pub(crate) fn load_cmp(a: &Peer, b: &Peer) -> std::cmp::Ordering {
+    let la = u64::from(a.in_flight()) * b.weight() as u64;
+    let lb = u64::from(b.in_flight()) * a.weight() as u64;
+    la.cmp(&lb)
+}
+
+impl Strategy for LeastConn {
+    fn pick(
+        &self,
+        peers: &[Arc<Peer>],
+        _key: &RequestKey<'_>,
+        tried: &Tried,
+        now: u64,
+    ) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        let mut many = false;
+        for (i, p) in candidates(peers, tried, now) {
+            match best {
+                None => best = Some(i),
+                Some(b) => match load_cmp(p, &peers[b]) {
+                    std::cmp::Ordering::Less => {
+                        best = Some(i);
+                        many = false;
+                    }
+                    std::cmp::Ordering::Equal => many = true,
+                    std::cmp::Ordering::Greater => {}
+                },
+            }
+        }
+        let best = best?;
+        let chosen = if many {
+            // nginx walks from the first best peer on, over the peers that tie with it.
+            let b = &peers[best];
+            let tied = (best..peers.len()).filter(|&i| {
+                let p = &peers[i];
+                available(p, i, tried, now) && load_cmp(p, b).is_eq()
+            });
+            self.wrr.pick_among(peers, tied).unwrap_or(best)
+        } else {
+            best
+        };
+        commit(peers, chosen, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::testutil::*;
+
+    #[test]
+    fn picks_fewest_in_flight() {
+        let ps = peers(&[1, 1, 1]);
+        let lc = LeastConn::new(ps.len());
+        let _g0 = ps[0].start_request();
+        let _g1 = ps[1].start_request();
+        let _g2 = ps[1].start_request();
+        assert_eq!(picks(&lc, &ps, 3), [2, 2, 2]);
+        let _g3 = ps[2].start_request();
+        // 1, 2, 1 in flight: peers 0 and 2 tie and rotate.
+        assert_eq!(picks(&lc, &ps, 4), [0, 2, 0, 2]);
+    }
+
+    #[test]
+    fn in_flight_is_per_weight() {
+        let ps = peers(&[3, 1]);
+        let lc = LeastConn::new(ps.len());
+        let _a: Vec<_> = (0..2).map(|_| ps[0].start_request()).collect();
+        let _b = ps[1].start_request();
+        // 2/3 < 1/1
+        assert_eq!(picks(&lc, &ps, 1), [0]);
+        let _c = ps[0].start_request();
+        // 3/3 == 1/1: tie, smooth WRR 3:1.
+        assert_eq!(picks(&lc, &ps, 8), [0, 0, 1, 0, 0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn ties_use_smooth_wrr_weights() {
+        let ps = peers(&[5, 1, 1]);
+        let lc = LeastConn::new(ps.len());
+        // Nothing in flight: everything ties, so it is plain smooth WRR.
+        assert_eq!(picks(&lc, &ps, 7), [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn simulated_load_follows_in_flight() {
+        // Holding the guards: least_conn spreads in-flight evenly per weight.
+        let ps = peers(&[2, 1, 1]);
+        let lc = LeastConn::new(ps.len());
+        let k = key("192.0.2.1");
+        let guards: Vec<_> = (0..40)
+            .map(|_| {
+                let i = lc.pick(&ps, &k, &Tried::new(), NOW).unwrap();
+                ps[i].start_request()
+            })
+            .collect();
+        let counts: Vec<_> = ps.iter().map(|p| p.in_flight()).collect();
+        assert_eq!(counts, [20, 10, 10]);
+        drop(guards);
+    }
+
+    #[test]
+    fn skips_unusable_peers() {
+        check_skips_unusable(|ps| Box::new(LeastConn::new(ps.len())));
+    }
+
+    #[test]
+    fn unusable_peer_with_fewer_conns_is_ignored() {
+        let ps = peers(&[1, 1]);
+        let lc = LeastConn::new(ps.len());
+        let _g = ps[1].start_request();
+        ps[0].set_down(true);
+        assert_eq!(picks(&lc, &ps, 2), [1, 1]);
+        ps[1].set_draining(true);
+        assert_eq!(lc.pick(&ps, &key("192.0.2.1"), &Tried::new(), NOW), None);
+    }
+}

@@ -1,0 +1,299 @@
+//! `least_time`: lowest response-time estimate × (1 + in-flight) per weight.
+
+use std::sync::Arc;
+
+use super::{RequestKey, SmoothWrr, Strategy, candidates, commit};
+use crate::peer::{Peer, Tried};
+
+/// Estimates below this (µs) count as this: sub-millisecond differences are noise.
+pub const FLOOR_US: f64 = 1000.0;
+
+/// `least_time`: the usable peer with the lowest `time × (1 + in_flight) / weight`,
+/// ties by smooth WRR.
+///
+/// `time` is the peer's [`crate::ewma::Ewma`] estimate, raised to the fastest
+/// usable peer's last-known estimate (so a new or long-idle peer counts as the
+/// fastest, not as infinitely fast) and to [`FLOOR_US`], then bucketed: whole
+/// milliseconds, and above 8 ms only the three leading bits, i.e. steps of at most
+/// 1/8 of the value. Peers within a bucket tie and rotate by smooth WRR, so equal
+/// peers share evenly despite noisy estimates.
+#[derive(Debug)]
+pub struct LeastTime {
+    wrr: SmoothWrr,
+}
+
+impl LeastTime {
+    /// A least_time over a list of `n` peers.
+    pub fn new(n: usize) -> LeastTime {
+        LeastTime {
+            wrr: SmoothWrr::new(n),
+        }
+    }
+}
+
+/// Milliseconds, at least 1, keeping the three leading bits above 8.
+#[inline]
+pub(crate) fn bucket(estimate_us: f64) -> u64 {
+    // `as` saturates; cap at u32::MAX ms (49 days) so scores stay far from overflow.
+    let ms = ((estimate_us / 1000.0) as u64).clamp(1, u64::from(u32::MAX));
+    let bits = 64 - ms.leading_zeros();
+    if bits <= 3 {
+        ms
+    } else {
+        let shift = bits - 3;
+        (ms >> shift) << shift
+    }
+}
+
+/// One peer's score and weight, for cross-multiplied comparison.
+#[inline]
+fn score(peer: &Peer, lift_us: f64, now: u64) -> (u128, u128) {
+    let t = bucket(peer.latency.estimate(now).max(lift_us));
+    let load = u128::from(t) * (1 + u128::from(peer.in_flight()));
+    (load, peer.weight() as u128)
+}
+
+impl Strategy for LeastTime {
+    fn pick(
+        &self,
+        peers: &[Arc<Peer>],
+        _key: &RequestKey<'_>,
+        tried: &Tried,
+        now: u64,
+    ) -> Option<usize> {
+        let fastest = candidates(peers, tried, now)
+            .map(|(_, p)| p.latency.last())
+            .filter(|&t| t > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let lift = if fastest.is_finite() {
+            fastest.max(FLOOR_US)
+        } else {
+            FLOOR_US
+        };
+        let mut best: Option<(usize, (u128, u128))> = None;
+        let mut many = false;
+        for (i, p) in candidates(peers, tried, now) {
+            let (s, w) = score(p, lift, now);
+            match best {
+                None => best = Some((i, (s, w))),
+                Some((_, (bs, bw))) => {
+                    let (a, b) = (s * bw, bs * w);
+                    if a < b {
+                        best = Some((i, (s, w)));
+                        many = false;
+                    } else if a == b {
+                        many = true;
+                    }
+                }
+            }
+        }
+        let (best, (bs, bw)) = best?;
+        let chosen = if many {
+            let tied = candidates(peers, tried, now)
+                .filter(|(_, p)| {
+                    let (s, w) = score(p, lift, now);
+                    s * bw == bs * w
+                })
+                .map(|(i, _)| i);
+            self.wrr.pick_among(peers, tied).unwrap_or(best)
+        } else {
+            best
+        };
+        commit(peers, chosen, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::testutil::*;
+    use crate::peer::InFlight;
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    use std::time::Duration;
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket(0.0), 1);
+        assert_eq!(bucket(1_999.0), 1);
+        assert_eq!(bucket(2_000.0), 2);
+        assert_eq!(bucket(7_900.0), 7);
+        assert_eq!(bucket(10_000.0), 10);
+        assert_eq!(bucket(17_000.0), 16);
+        assert_eq!(bucket(100_000.0), 96);
+        assert_eq!(bucket(f64::MAX), u64::from(u32::MAX) >> 29 << 29);
+    }
+
+    #[test]
+    fn prefers_the_faster_peer() {
+        let ps = peers(&[1, 1, 1]);
+        ps[0].latency.record(Duration::from_millis(20), NOW);
+        ps[1].latency.record(Duration::from_millis(5), NOW);
+        ps[2].latency.record(Duration::from_millis(40), NOW);
+        let s = LeastTime::new(ps.len());
+        assert_eq!(picks(&s, &ps, 3), [1, 1, 1]);
+    }
+
+    #[test]
+    fn in_flight_multiplies_the_time() {
+        let ps = peers(&[1, 1]);
+        ps[0].latency.record(Duration::from_millis(2), NOW);
+        ps[1].latency.record(Duration::from_millis(5), NOW);
+        let s = LeastTime::new(ps.len());
+        let _g: Vec<_> = (0..2).map(|_| ps[0].start_request()).collect();
+        // 2 × 3 = 6 > 5 × 1.
+        assert_eq!(picks(&s, &ps, 1), [1]);
+    }
+
+    #[test]
+    fn weight_divides_the_score() {
+        let ps = peers(&[4, 1]);
+        ps[0].latency.record(Duration::from_millis(8), NOW);
+        ps[1].latency.record(Duration::from_millis(3), NOW);
+        let s = LeastTime::new(ps.len());
+        // 8/4 < 3/1
+        assert_eq!(picks(&s, &ps, 1), [0]);
+    }
+
+    #[test]
+    fn close_times_rotate() {
+        let ps = peers(&[1, 1, 1]);
+        ps[0].latency.record(Duration::from_micros(1_100), NOW);
+        ps[1].latency.record(Duration::from_micros(1_900), NOW);
+        ps[2].latency.record(Duration::from_micros(300), NOW);
+        let s = LeastTime::new(ps.len());
+        assert_eq!(picks(&s, &ps, 6), [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn new_peer_counts_as_the_fastest_not_as_free() {
+        let ps = peers(&[1, 1]);
+        ps[0].latency.record(Duration::from_millis(50), NOW);
+        let s = LeastTime::new(ps.len());
+        let k = key("192.0.2.1");
+        // Peer 1 has no samples: it ties with peer 0 at 50 ms and fills up by in-flight,
+        // instead of taking every request until its first answer.
+        let guards: Vec<_> = (0..10)
+            .map(|_| ps[s.pick(&ps, &k, &Tried::new(), NOW).unwrap()].start_request())
+            .collect();
+        assert_eq!(ps[0].in_flight(), 5);
+        assert_eq!(ps[1].in_flight(), 5);
+        drop(guards);
+    }
+
+    #[test]
+    fn all_new_peers_behave_like_least_conn() {
+        let ps = peers(&[1, 1, 1]);
+        let s = LeastTime::new(ps.len());
+        assert_eq!(picks(&s, &ps, 6), [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn skips_unusable_peers() {
+        check_skips_unusable(|ps| Box::new(LeastTime::new(ps.len())));
+    }
+
+    /// Closed-loop simulation: `clients` clients each send a request, wait for the
+    /// response and send the next one. Latency of peer `i` at time `t` comes from
+    /// `latency(i, t)`. Returns per-peer pick counts per simulated second.
+    fn simulate(
+        ps: &[Arc<Peer>],
+        clients: usize,
+        seconds: u64,
+        latency: impl Fn(usize, u64) -> u64,
+    ) -> Vec<Vec<u64>> {
+        let s = LeastTime::new(ps.len());
+        let k = key("192.0.2.1");
+        let start_us = NOW * 1000;
+        let end_us = start_us + seconds * 1_000_000;
+        let mut per_second = vec![vec![0u64; ps.len()]; seconds as usize];
+        // (completion time µs, sequence, peer, guard slot)
+        let mut events: BinaryHeap<Reverse<(u64, u64, usize, usize)>> = BinaryHeap::new();
+        let mut guards: Vec<Option<InFlight>> = (0..clients).map(|_| None).collect();
+        let mut seq = 0u64;
+        let mut send = |t_us: u64,
+                        client: usize,
+                        events: &mut BinaryHeap<Reverse<(u64, u64, usize, usize)>>,
+                        guards: &mut Vec<Option<InFlight>>| {
+            let i = s.pick(ps, &k, &Tried::new(), t_us / 1000).unwrap();
+            guards[client] = Some(ps[i].start_request());
+            let sec = ((t_us - start_us) / 1_000_000) as usize;
+            per_second[sec][i] += 1;
+            let lat = latency(i, t_us - start_us);
+            seq += 1;
+            events.push(Reverse((t_us + lat, seq, i, client)));
+        };
+        for c in 0..clients {
+            send(start_us + c as u64 * 100, c, &mut events, &mut guards);
+        }
+        while let Some(Reverse((t, _, i, c))) = events.pop() {
+            if t >= end_us {
+                break;
+            }
+            let sent = guards[c].take();
+            let lat = latency(i, t - start_us);
+            ps[i].latency.record(Duration::from_micros(lat), t / 1000);
+            drop(sent);
+            send(t, c, &mut events, &mut guards);
+        }
+        drop(send);
+        per_second
+    }
+
+    fn share(counts: &[u64], i: usize) -> f64 {
+        counts[i] as f64 / counts.iter().sum::<u64>() as f64
+    }
+
+    fn slow_then_recovered(clients: usize) {
+        let ps = peers(&[1, 1, 1]);
+        // Peer 2 answers in 10 ms for the first 2 s, then in 1 ms like the others.
+        let per_second = simulate(&ps, clients, 7, |i, t_us| {
+            if i == 2 && t_us < 2_000_000 { 10_000 } else { 1_000 }
+        });
+        let first_two: Vec<u64> = (0..3).map(|i| per_second[0][i] + per_second[1][i]).collect();
+        let slow = share(&first_two, 2);
+        assert!(slow < 0.15, "clients {clients}: slow share {slow:.3} in the first 2 s");
+        let second = share(&per_second[1], 2);
+        assert!(second < 0.15, "clients {clients}: slow share {second:.3} in second 2");
+        // Recovered at 2 s: back to at least 25% within 5 s (the 5th second after).
+        let back = share(&per_second[6], 2);
+        assert!(back >= 0.25, "clients {clients}: share {back:.3} after recovery: {per_second:?}");
+    }
+
+    #[test]
+    fn slow_peer_loses_traffic_and_wins_it_back_sequential() {
+        slow_then_recovered(1);
+    }
+
+    #[test]
+    fn slow_peer_loses_traffic_and_wins_it_back_concurrent() {
+        slow_then_recovered(8);
+    }
+
+    #[test]
+    fn slow_peer_loses_traffic_and_wins_it_back_heavy() {
+        slow_then_recovered(64);
+    }
+
+    #[test]
+    fn equal_peers_share_evenly_under_load() {
+        let ps = peers(&[1, 1, 1]);
+        let per_second = simulate(&ps, 8, 3, |i, _| 2_000 + 150 * i as u64);
+        for i in 0..3 {
+            let sh = share(&per_second[2], i);
+            assert!((0.28..0.39).contains(&sh), "peer {i}: {sh:.3} {per_second:?}");
+        }
+    }
+
+    #[test]
+    fn still_slow_peer_is_only_probed() {
+        // A peer that stays 10x slower keeps getting only occasional probes.
+        let ps = peers(&[1, 1, 1]);
+        let per_second = simulate(&ps, 8, 10, |i, _| if i == 2 { 10_000 } else { 1_000 });
+        for (sec, counts) in per_second.iter().enumerate().skip(1) {
+            let sh = share(counts, 2);
+            assert!(sh < 0.05, "second {sec}: {sh:.3}");
+            assert!(counts[2] > 0, "second {sec}: never probed");
+        }
+    }
+}

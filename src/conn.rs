@@ -1,0 +1,176 @@
+//! Per-client-connection state: what stub_status calls Reading, Writing and
+//! Waiting, and the timestamps the idle and header timeouts are measured from.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::WorkerCounters;
+use crate::peer::now_ms;
+
+/// Idle keep-alive, waiting for the first byte of a request.
+pub const WAITING: u8 = 0;
+/// Reading a request head.
+pub const READING: u8 = 1;
+/// A request in progress.
+pub const WRITING: u8 = 2;
+/// Closed (counted out).
+const CLOSED: u8 = 3;
+
+/// State shared by a connection's IO wrapper, its requests and its timer.
+#[derive(Debug)]
+pub struct ConnState {
+    state: AtomicU8,
+    /// When the current state began (ms, [`now_ms`]).
+    since: AtomicU64,
+    /// Responses still being written (a pipelined request may start before the
+    /// previous response ended).
+    active: AtomicU8,
+    /// At least one request was received.
+    served: std::sync::atomic::AtomicBool,
+    counters: &'static WorkerCounters,
+}
+
+impl ConnState {
+    /// A new connection starts waiting for its first request.
+    pub fn new(counters: &'static WorkerCounters) -> ConnState {
+        counters.waiting.fetch_add(1, Relaxed);
+        ConnState {
+            state: AtomicU8::new(WAITING),
+            since: AtomicU64::new(now_ms()),
+            active: AtomicU8::new(0),
+            served: std::sync::atomic::AtomicBool::new(false),
+            counters,
+        }
+    }
+
+    fn gauge(&self, s: u8) -> Option<&std::sync::atomic::AtomicI64> {
+        match s {
+            WAITING => Some(&self.counters.waiting),
+            READING => Some(&self.counters.reading),
+            WRITING => Some(&self.counters.writing),
+            _ => None,
+        }
+    }
+
+    fn set(&self, to: u8) {
+        let from = self.state.swap(to, Relaxed);
+        if from != to {
+            if let Some(g) = self.gauge(from) {
+                g.fetch_sub(1, Relaxed);
+            }
+            if let Some(g) = self.gauge(to) {
+                g.fetch_add(1, Relaxed);
+            }
+            self.since.store(now_ms(), Relaxed);
+        }
+    }
+
+    /// Current state and since when (ms).
+    pub fn get(&self) -> (u8, u64) {
+        (self.state.load(Relaxed), self.since.load(Relaxed))
+    }
+
+    /// Bytes of a request arrived.
+    #[inline]
+    fn on_read(&self) {
+        if self.state.load(Relaxed) == WAITING {
+            self.set(READING);
+        }
+    }
+
+    /// A request head was parsed and is being served.
+    #[inline]
+    pub fn request_started(&self) {
+        self.served.store(true, Relaxed);
+        self.active.fetch_add(1, Relaxed);
+        self.set(WRITING);
+    }
+
+    /// A response ended.
+    #[inline]
+    pub fn request_finished(&self) {
+        if self.active.fetch_sub(1, Relaxed) == 1 && self.state.load(Relaxed) == WRITING {
+            self.set(WAITING);
+        }
+    }
+
+    /// Whether any request arrived on this connection.
+    pub fn served_any(&self) -> bool {
+        self.served.load(Relaxed)
+    }
+
+    /// The connection closed.
+    pub fn close(&self) {
+        self.set(CLOSED);
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// The client socket, noting when request bytes arrive.
+#[derive(Debug)]
+pub struct ClientIo<T> {
+    inner: T,
+    state: Arc<ConnState>,
+}
+
+impl<T> ClientIo<T> {
+    /// Wrap a socket.
+    pub fn new(inner: T, state: Arc<ConnState>) -> ClientIo<T> {
+        ClientIo { inner, state }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.state.on_read();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

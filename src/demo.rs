@@ -1,0 +1,197 @@
+//! `ferry demo`, and the backend it runs: a small hyper server with knobs
+//! (latency, status, body size, closing, hanging) that the tests use too.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// Knobs of a [`Backend`], changeable while it runs.
+#[derive(Debug, Default)]
+pub struct Knobs {
+    /// Delay before answering, in milliseconds.
+    pub latency_ms: AtomicU64,
+    /// Status to answer with (0 = 200).
+    pub status: AtomicU16,
+    /// Close the connection after this many requests on it (0 = never).
+    pub close_every: AtomicU64,
+    /// Accept connections but never answer (1 = hang).
+    pub hang: AtomicU16,
+}
+
+/// A running demo/test backend.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its name, echoed in every response.
+    pub name: String,
+    /// Knobs.
+    pub knobs: Arc<Knobs>,
+    /// Requests served.
+    pub served: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub connections: Arc<AtomicU64>,
+}
+
+impl Backend {
+    /// Start a backend on `addr` (port 0 for any) in the current tokio runtime.
+    pub async fn start(addr: SocketAddr, name: &str) -> std::io::Result<Backend> {
+        let listener = TcpListener::bind(addr).await?;
+        let b = Backend {
+            addr: listener.local_addr()?,
+            name: name.to_owned(),
+            knobs: Arc::new(Knobs::default()),
+            served: Arc::new(AtomicU64::new(0)),
+            connections: Arc::new(AtomicU64::new(0)),
+        };
+        let me = b.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                me.connections.fetch_add(1, Relaxed);
+                let _ = stream.set_nodelay(true);
+                let me = me.clone();
+                tokio::spawn(async move {
+                    if me.knobs.hang.load(Relaxed) == 1 {
+                        // Hold the socket open, never read or answer.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                        drop(stream);
+                        return;
+                    }
+                    let on_conn = Arc::new(AtomicU64::new(0));
+                    let svc = service_fn(move |req| {
+                        let me = me.clone();
+                        let on_conn = Arc::clone(&on_conn);
+                        async move { Ok::<_, Infallible>(me.answer(req, &on_conn).await) }
+                    });
+                    let _ = http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Ok(b)
+    }
+
+    async fn answer(&self, req: Request<Incoming>, on_conn: &AtomicU64) -> Response<Full<Bytes>> {
+        let n = self.served.fetch_add(1, Relaxed) + 1;
+        let here = on_conn.fetch_add(1, Relaxed) + 1;
+        let latency = self.knobs.latency_ms.load(Relaxed);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        let (parts, body) = req.into_parts();
+        // Read (and count) the request body.
+        let mut body_len = 0u64;
+        let mut body = body;
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Some(d) = frame.data_ref() {
+                body_len += d.len() as u64;
+            }
+        }
+        let status = match self.knobs.status.load(Relaxed) {
+            0 => StatusCode::OK,
+            s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
+        };
+        let text = format!(
+            "hello from {} ({}) request {} {} {} body={}\n",
+            self.name, self.addr, n, parts.method, parts.uri, body_len
+        );
+        let mut r = Response::new(Full::new(Bytes::from(text)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            "x-backend",
+            http::HeaderValue::from_str(&self.name).unwrap_or(http::HeaderValue::from_static("?")),
+        );
+        let close_every = self.knobs.close_every.load(Relaxed);
+        if close_every > 0 && here % close_every == 0 {
+            r.headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        r
+    }
+}
+
+/// The demo: three backends on 127.0.0.1:9001-9003 (the third answers 100 ms
+/// late) and ferry in front of them on 127.0.0.1:8080, admin on 127.0.0.1:9180.
+pub fn run() -> Result<(), String> {
+    let backends_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut addrs = Vec::new();
+    for (i, port) in [9001u16, 9002, 9003].into_iter().enumerate() {
+        let want: SocketAddr = ([127, 0, 0, 1], port).into();
+        let b = backends_rt
+            .block_on(async {
+                match Backend::start(want, &format!("backend-{}", i + 1)).await {
+                    Ok(b) => Ok(b),
+                    // Port taken: any free port will do for a demo.
+                    Err(_) => Backend::start(([127, 0, 0, 1], 0).into(), &format!("backend-{}", i + 1)).await,
+                }
+            })
+            .map_err(|e| format!("cannot start a demo backend: {e}"))?;
+        if i == 2 {
+            b.knobs.latency_ms.store(100, Relaxed);
+        }
+        addrs.push(b.addr);
+    }
+    let toml = format!(
+        r#"[server]
+listen = ["127.0.0.1:8080"]
+workers = 1
+
+[admin]
+listen = "127.0.0.1:9180"
+
+[log]
+access = "stdout"
+
+[[upstream]]
+name = "demo"
+strategy = "least_time"
+
+[[upstream.server]]
+addr = "{}"
+
+[[upstream.server]]
+addr = "{}"
+
+[[upstream.server]]
+addr = "{}"
+"#,
+        addrs[0], addrs[1], addrs[2]
+    );
+    let cfg = crate::config::Config::parse(&toml, std::path::Path::new("<demo>"))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "ferry demo: three backends at {}, {}, {} (the last answers 100 ms late)\n\
+         ferry listens on http://127.0.0.1:8080 (least_time), admin on http://127.0.0.1:9180\n\n\
+         Try:\n  \
+         curl -s http://127.0.0.1:8080/\n  \
+         for i in $(seq 20); do curl -s http://127.0.0.1:8080/ ; done | cut -d' ' -f3 | sort | uniq -c\n  \
+         curl -s http://127.0.0.1:9180/stub_status\n  \
+         curl -s http://127.0.0.1:9180/status\n  \
+         curl -s http://127.0.0.1:9180/metrics | grep ferry_http_requests_total\n\n\
+         Ctrl-C stops it.\n",
+        addrs[0], addrs[1], addrs[2]
+    );
+    let r = crate::server::run(cfg, None, None).map_err(|e| e.to_string());
+    backends_rt.shutdown_timeout(Duration::from_millis(100));
+    r
+}

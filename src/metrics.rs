@@ -1,0 +1,326 @@
+//! Metrics: a Prometheus registry for histograms and process metrics, plus
+//! counters kept in plain atomics (per worker, per peer) that are read at scrape
+//! time, so the request path never looks up a label.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry};
+
+use crate::peer::FailReason;
+use crate::runtime::Runtime;
+
+/// Client-connection counters of one worker (padded to its own cache lines).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub struct WorkerCounters {
+    /// Connections accepted.
+    pub accepted: AtomicU64,
+    /// Connections handled (accepted and not refused).
+    pub handled: AtomicU64,
+    /// Requests received.
+    pub requests: AtomicU64,
+    /// Connections reading a request head.
+    pub reading: AtomicI64,
+    /// Connections with a request in progress.
+    pub writing: AtomicI64,
+    /// Idle keep-alive connections.
+    pub waiting: AtomicI64,
+}
+
+/// Sums of the worker counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ConnTotals {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Connections handled.
+    pub handled: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Reading request heads.
+    pub reading: i64,
+    /// Requests in progress.
+    pub writing: i64,
+    /// Idle keep-alive.
+    pub waiting: i64,
+}
+
+impl ConnTotals {
+    /// Open client connections.
+    pub fn active(&self) -> i64 {
+        self.reading + self.writing + self.waiting
+    }
+}
+
+/// All of ferry's metrics.
+pub struct Metrics {
+    /// The registry (histograms, reload counters, process metrics).
+    pub registry: Registry,
+    workers: Box<[WorkerCounters]>,
+    /// `ferry_http_request_duration_seconds{upstream}`.
+    pub request_duration: HistogramVec,
+    /// `ferry_upstream_header_time_seconds{upstream,peer}`.
+    pub header_time: HistogramVec,
+    /// `ferry_config_reloads_total{result}`.
+    pub reloads: IntCounterVec,
+    /// Access log lines dropped because the writer fell behind.
+    pub log_dropped: IntCounter,
+    /// Requests no route matched.
+    pub unrouted: AtomicU64,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// Buckets from 1 ms to 10 s.
+const BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// Metrics for `workers` worker threads.
+    pub fn new(workers: usize) -> Metrics {
+        let registry = Registry::new();
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_http_request_duration_seconds",
+                "Time from request head to the end of the response, by upstream.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["upstream"],
+        )
+        .expect("valid metric");
+        let header_time = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_upstream_header_time_seconds",
+                "Time to the upstream's response headers, by peer.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["upstream", "peer"],
+        )
+        .expect("valid metric");
+        let reloads = IntCounterVec::new(
+            Opts::new("ferry_config_reloads_total", "Configuration reloads by result."),
+            &["result"],
+        )
+        .expect("valid metric");
+        let log_dropped = IntCounter::new(
+            "ferry_access_log_dropped_total",
+            "Access log lines dropped because the writer could not keep up.",
+        )
+        .expect("valid metric");
+        let build = IntCounterVec::new(
+            Opts::new("ferry_build_info", "Build information."),
+            &["version"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).inc();
+        for c in [
+            Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(header_time.clone()),
+            Box::new(reloads.clone()),
+            Box::new(log_dropped.clone()),
+            Box::new(build),
+        ] {
+            let _ = registry.register(c);
+        }
+        #[cfg(target_os = "linux")]
+        {
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        for r in ["ok", "error"] {
+            reloads.with_label_values(&[r]);
+        }
+        Metrics {
+            registry,
+            workers: (0..workers.max(1))
+                .map(|_| WorkerCounters::default())
+                .collect(),
+            request_duration,
+            header_time,
+            reloads,
+            log_dropped,
+            unrouted: AtomicU64::new(0),
+        }
+    }
+
+    /// The counters of worker `w`.
+    #[inline]
+    pub fn worker(&self, w: usize) -> &WorkerCounters {
+        &self.workers[w.min(self.workers.len() - 1)]
+    }
+
+    /// Sums over all workers.
+    pub fn totals(&self) -> ConnTotals {
+        let mut t = ConnTotals::default();
+        for w in self.workers.iter() {
+            t.accepted += w.accepted.load(Relaxed);
+            t.handled += w.handled.load(Relaxed);
+            t.requests += w.requests.load(Relaxed);
+            t.reading += w.reading.load(Relaxed);
+            t.writing += w.writing.load(Relaxed);
+            t.waiting += w.waiting.load(Relaxed);
+        }
+        // Transitions are counted on different lines; never show a negative gauge.
+        t.reading = t.reading.max(0);
+        t.writing = t.writing.max(0);
+        t.waiting = t.waiting.max(0);
+        t
+    }
+
+    /// nginx's stub_status page, byte for byte.
+    pub fn stub_status(&self) -> String {
+        let t = self.totals();
+        format!(
+            "Active connections: {} \nserver accepts handled requests\n {} {} {} \nReading: {} Writing: {} Waiting: {} \n",
+            t.active(),
+            t.accepted,
+            t.handled,
+            t.requests,
+            t.reading,
+            t.writing,
+            t.waiting
+        )
+    }
+
+    /// Prometheus text exposition: the registry plus per-peer and connection families.
+    pub fn render(&self, rt: &Runtime) -> String {
+        let mut out = String::with_capacity(16 * 1024);
+        let t = self.totals();
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        gauge(&mut out, "ferry_connections_active", "Open client connections.", "gauge", t.active());
+        gauge(&mut out, "ferry_connections_accepted_total", "Client connections accepted.", "counter", t.accepted as i64);
+        gauge(&mut out, "ferry_connections_handled_total", "Client connections handled.", "counter", t.handled as i64);
+        gauge(&mut out, "ferry_connections_reading", "Client connections reading a request head.", "gauge", t.reading);
+        gauge(&mut out, "ferry_connections_writing", "Client connections with a request in progress.", "gauge", t.writing);
+        gauge(&mut out, "ferry_connections_waiting", "Idle client keep-alive connections.", "gauge", t.waiting);
+
+        let family = |out: &mut String, name: &str, help: &str, kind: &str| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+        family(&mut out, "ferry_http_requests_total", "Responses by upstream, peer and status.", "counter");
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                for (code, n) in p.stats.statuses() {
+                    let _ = writeln!(out, "ferry_http_requests_total{{upstream=\"{name}\",peer=\"{}\",code=\"{code}\"}} {n}", p.addr_str);
+                }
+            }
+            for (code, n) in [(502, &u.stats.local_502), (504, &u.stats.local_504)] {
+                let n = n.load(Relaxed);
+                if n > 0 {
+                    let _ = writeln!(out, "ferry_http_requests_total{{upstream=\"{name}\",peer=\"\",code=\"{code}\"}} {n}");
+                }
+            }
+        }
+        family(&mut out, "ferry_upstream_peer_up", "1 when the peer can be picked, 0 when not.", "gauge");
+        let now = crate::peer::now_ms();
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                let _ = writeln!(out, "ferry_upstream_peer_up{{upstream=\"{name}\",peer=\"{}\"}} {}", p.addr_str, u8::from(p.is_usable(now)));
+            }
+        }
+        family(&mut out, "ferry_upstream_peer_state", "Peer state (1 for the current one).", "gauge");
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                let cur = peer_state(p, now);
+                for s in PEER_STATES {
+                    let _ = writeln!(out, "ferry_upstream_peer_state{{upstream=\"{name}\",peer=\"{}\",state=\"{s}\"}} {}", p.addr_str, u8::from(cur == s));
+                }
+            }
+        }
+        family(&mut out, "ferry_upstream_in_flight", "Requests in flight to the peer.", "gauge");
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                let _ = writeln!(out, "ferry_upstream_in_flight{{upstream=\"{name}\",peer=\"{}\"}} {}", p.addr_str, p.in_flight());
+            }
+        }
+        family(&mut out, "ferry_upstream_fails_total", "Failed attempts by peer and reason.", "counter");
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                for r in FailReason::ALL {
+                    let _ = writeln!(out, "ferry_upstream_fails_total{{upstream=\"{name}\",peer=\"{}\",reason=\"{}\"}} {}", p.addr_str, r.as_str(), p.stats.fails(r));
+                }
+            }
+        }
+        family(&mut out, "ferry_upstream_connects_total", "New TCP connections opened to the peer.", "counter");
+        for u in &rt.upstreams {
+            let name = esc(&u.cfg.name);
+            for p in u.peers() {
+                let _ = writeln!(out, "ferry_upstream_connects_total{{upstream=\"{name}\",peer=\"{}\"}} {}", p.addr_str, p.stats.connects.load(Relaxed));
+            }
+        }
+        family(&mut out, "ferry_upstream_retries_total", "Attempts passed to the next peer.", "counter");
+        for u in &rt.upstreams {
+            let _ = writeln!(out, "ferry_upstream_retries_total{{upstream=\"{}\"}} {}", esc(&u.cfg.name), u.stats.retries.load(Relaxed));
+        }
+        family(&mut out, "ferry_upstream_no_peer_total", "Requests answered 502 because no peer was usable.", "counter");
+        for u in &rt.upstreams {
+            let _ = writeln!(out, "ferry_upstream_no_peer_total{{upstream=\"{}\"}} {}", esc(&u.cfg.name), u.stats.no_peer.load(Relaxed));
+        }
+        gauge(&mut out, "ferry_http_unrouted_total", "Requests no route matched (answered 404).", "counter", self.unrouted.load(Relaxed) as i64);
+
+        let mut buf = Vec::new();
+        if prometheus::TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_ok()
+        {
+            out.push_str(&String::from_utf8_lossy(&buf));
+        }
+        out
+    }
+}
+
+/// The states `ferry_upstream_peer_state` reports.
+pub const PEER_STATES: [&str; 5] = ["up", "down", "draining", "unhealthy", "failed"];
+
+/// The one state a peer is in, most administrative first.
+pub fn peer_state(p: &crate::peer::Peer, now: u64) -> &'static str {
+    if p.is_down() {
+        "down"
+    } else if p.is_draining() {
+        "draining"
+    } else if !p.is_healthy() {
+        "unhealthy"
+    } else if p.is_failed(now) {
+        "failed"
+    } else {
+        "up"
+    }
+}
+
+/// Escape a label value.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stub_status_is_nginx_format() {
+        let m = Metrics::new(2);
+        m.worker(0).accepted.fetch_add(3, Relaxed);
+        m.worker(1).accepted.fetch_add(2, Relaxed);
+        m.worker(0).handled.fetch_add(5, Relaxed);
+        m.worker(1).requests.fetch_add(7, Relaxed);
+        m.worker(0).writing.fetch_add(1, Relaxed);
+        m.worker(1).waiting.fetch_add(2, Relaxed);
+        assert_eq!(
+            m.stub_status(),
+            "Active connections: 3 \nserver accepts handled requests\n 5 5 7 \nReading: 0 Writing: 1 Waiting: 2 \n"
+        );
+    }
+}

@@ -1,0 +1,914 @@
+//! The proxy service: route a request, pick a peer, forward over a pooled
+//! connection, retry by the `next_upstream` rules, and stream the response back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::time::{Instant, Sleep};
+
+use crate::accesslog::{AccessLog, Entry};
+use crate::balance::RequestKey;
+use crate::body::{BoxError, ReqBody, is_body_too_large};
+use crate::client::{self, Conn, ConnectError};
+use crate::conn::ConnState;
+use crate::metrics::Metrics;
+use crate::peer::{FailReason, InFlight, Peer, Tried, now_ms};
+use crate::runtime::{Runtime, Upstream, reset_all_fails};
+
+/// What every connection of the process shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The running configuration.
+    pub runtime: ArcSwap<Runtime>,
+    /// Metrics.
+    pub metrics: &'static Metrics,
+    /// Access log.
+    pub log: AccessLog,
+}
+
+/// What one client connection's requests share.
+#[derive(Debug)]
+pub struct Ctx {
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// The worker serving the connection.
+    pub worker: usize,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Connection state (stub_status, timeouts).
+    pub state: Arc<ConnState>,
+    /// `http` or `https`, for X-Forwarded-Proto.
+    pub scheme: &'static str,
+}
+
+/// Headers never forwarded (RFC 9110 hop-by-hop, plus the legacy ones).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Remove hop-by-hop headers, including those named by `Connection`. Returns true
+/// when the message asked for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
+fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
+    let mut upgrade = false;
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| {
+                let t = t.trim();
+                if t.eq_ignore_ascii_case("upgrade") {
+                    upgrade = true;
+                    return None;
+                }
+                HeaderName::from_bytes(t.as_bytes()).ok()
+            })
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+    upgrade &= h.contains_key(header::UPGRADE);
+    if !upgrade {
+        h.remove(header::UPGRADE);
+    }
+    upgrade
+}
+
+/// The Host a request is for, without port, as sent.
+fn request_host(req: &Request<Incoming>) -> &str {
+    let raw = req
+        .uri()
+        .host()
+        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
+        .unwrap_or("");
+    strip_port(raw)
+}
+
+fn strip_port(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or("");
+    }
+    match h.rfind(':') {
+        Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
+        _ => h,
+    }
+}
+
+/// A response body: streamed from a peer, or written by ferry.
+pub struct RespBody {
+    kind: Kind,
+    done: Option<Done>,
+}
+
+enum Kind {
+    Upstream {
+        body: Incoming,
+        read_timeout: Duration,
+        timer: Option<Pin<Box<Sleep>>>,
+        progress: bool,
+    },
+    Full(Option<Bytes>),
+}
+
+impl std::fmt::Debug for RespBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RespBody").finish_non_exhaustive()
+    }
+}
+
+/// The upstream stopped sending the body for longer than `read_timeout`.
+#[derive(Debug)]
+struct BodyTimeout;
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream timed out while sending the response body")
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(b) => match b.take() {
+                Some(b) => {
+                    if let Some(d) = this.done.as_mut() {
+                        d.bytes += b.len() as u64;
+                    }
+                    Poll::Ready(Some(Ok(Frame::data(b))))
+                }
+                None => {
+                    this.finish(true);
+                    Poll::Ready(None)
+                }
+            },
+            Kind::Upstream {
+                body,
+                read_timeout,
+                timer,
+                progress,
+            } => match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    *progress = true;
+                    if let (Some(d), Some(data)) = (this.done.as_mut(), f.data_ref()) {
+                        d.bytes += data.len() as u64;
+                    }
+                    if body.is_end_stream() {
+                        this.finish(true);
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.finish(false);
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+                Poll::Ready(None) => {
+                    this.finish(true);
+                    Poll::Ready(None)
+                }
+                Poll::Pending => {
+                    let deadline = Instant::now() + *read_timeout;
+                    match timer {
+                        None => *timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                        Some(t) if *progress => t.as_mut().reset(deadline),
+                        Some(_) => {}
+                    }
+                    *progress = false;
+                    if let Some(t) = timer.as_mut()
+                        && t.as_mut().poll(cx).is_ready()
+                    {
+                        if let Some(d) = this.done.as_mut() {
+                            d.note = Some("upstream timed out sending the body");
+                        }
+                        this.finish(false);
+                        return Poll::Ready(Some(Err(Box::new(BodyTimeout))));
+                    }
+                    Poll::Pending
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+impl RespBody {
+    fn finish(&mut self, complete: bool) {
+        if let Some(mut d) = self.done.take() {
+            d.complete = complete;
+        }
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        let complete = self.is_end_stream();
+        self.finish(complete);
+    }
+}
+
+use std::future::Future as _;
+
+/// Bookkeeping when a response ends (complete or not): pooled connection back,
+/// in-flight slot released, metrics, access log, connection state.
+struct Done {
+    ctx: Arc<Ctx>,
+    up: Option<Arc<Upstream>>,
+    conn: Option<(Arc<Peer>, hyper::client::conn::http1::SendRequest<ReqBody>)>,
+    _guard: Option<InFlight>,
+    start: Instant,
+    status: u16,
+    bytes: u64,
+    complete: bool,
+    log: Option<Box<LogInfo>>,
+    note: Option<&'static str>,
+}
+
+struct LogInfo {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+    upstreams: Vec<(String, u16, Duration)>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        if let (true, Some(up), Some((peer, tx))) = (self.complete, &self.up, self.conn.take()) {
+            client::checkin(&peer, tx, up.cfg.keepalive, up.cfg.keepalive_timeout);
+        }
+        let elapsed = self.start.elapsed();
+        if let Some(up) = &self.up {
+            self.ctx
+                .shared
+                .metrics
+                .request_duration
+                .with_label_values(&[up.cfg.name.as_str()])
+                .observe(elapsed.as_secs_f64());
+        }
+        if let Some(info) = self.log.take() {
+            let info = *info;
+            self.ctx.shared.log.log(Entry {
+                remote: self.ctx.remote.ip(),
+                time: SystemTime::now(),
+                method: info.method,
+                uri: info.uri,
+                version: info.version,
+                status: self.status,
+                bytes: self.bytes,
+                referer: info.referer,
+                user_agent: info.user_agent,
+                upstreams: info.upstreams,
+                request_time: elapsed,
+                note: self.note,
+            });
+        }
+        self.ctx.state.request_finished();
+    }
+}
+
+fn full(status: StatusCode, text: &'static str) -> Response<Kind> {
+    let mut r = Response::new(Kind::Full(Some(Bytes::from_static(text.as_bytes()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// How one attempt ended, when it did not produce a usable response.
+#[derive(Debug)]
+enum AttemptError {
+    Connect(ConnectError),
+    /// No response headers within `read_timeout`.
+    Timeout,
+    /// The connection failed after (part of) the request was sent.
+    Io(hyper::Error),
+    /// The request body exceeded `client_max_body_size`.
+    TooLarge,
+    /// The client's request body failed (client went away).
+    ClientBody,
+}
+
+impl AttemptError {
+    fn reason(&self) -> FailReason {
+        match self {
+            AttemptError::Connect(ConnectError::Timeout) | AttemptError::Timeout => {
+                FailReason::Timeout
+            }
+            AttemptError::Connect(_) => FailReason::Connect,
+            AttemptError::Io(e) if e.is_parse() => FailReason::InvalidHeader,
+            _ => FailReason::Error,
+        }
+    }
+
+    fn counts_against_peer(&self) -> bool {
+        !matches!(self, AttemptError::TooLarge | AttemptError::ClientBody)
+    }
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Connect(e) => e.fmt(f),
+            AttemptError::Timeout => f.write_str("timed out waiting for response headers"),
+            AttemptError::Io(e) => write!(f, "{e}"),
+            AttemptError::TooLarge => f.write_str("request body too large"),
+            AttemptError::ClientBody => f.write_str("client request body failed"),
+        }
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    !matches!(m.as_str(), "POST" | "PATCH" | "LOCK")
+}
+
+/// Serve one client request.
+pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+    ctx.state.request_started();
+    let metrics = ctx.shared.metrics;
+    metrics.worker(ctx.worker).requests.fetch_add(1, Relaxed);
+    let start = Instant::now();
+    let rt = ctx.shared.runtime.load_full();
+
+    let log = ctx.shared.log.enabled().then(|| {
+        Box::new(LogInfo {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer: req.headers().get(header::REFERER).cloned(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+            upstreams: Vec::new(),
+        })
+    });
+    let mut done = Done {
+        ctx: Arc::clone(&ctx),
+        up: None,
+        conn: None,
+        _guard: None,
+        start,
+        status: 0,
+        bytes: 0,
+        complete: false,
+        log,
+        note: None,
+    };
+
+    let resp = match check_request(&req, &rt) {
+        Err((status, text, note)) => {
+            if status == StatusCode::NOT_FOUND {
+                metrics.unrouted.fetch_add(1, Relaxed);
+            }
+            done.note = Some(note);
+            full(status, text)
+        }
+        Ok(ui) => {
+            let up = Arc::clone(&rt.upstreams[ui]);
+            done.up = Some(Arc::clone(&up));
+            drop(rt);
+            forward(&ctx, &up, req, &mut done).await
+        }
+    };
+    let (mut parts, kind) = resp.into_parts();
+    done.status = parts.status.as_u16();
+    if let Kind::Full(_) = kind {
+        if parts.status.is_server_error() || parts.status.is_client_error() {
+            // ferry's own error page: do not keep a connection whose request body
+            // may be unread.
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+    Ok(Response::from_parts(
+        parts,
+        RespBody {
+            kind,
+            done: Some(done),
+        },
+    ))
+}
+
+/// Reject what must not be forwarded; otherwise the upstream index.
+fn check_request(
+    req: &Request<Incoming>,
+    rt: &Runtime,
+) -> Result<usize, (StatusCode, &'static str, &'static str)> {
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: both Content-Length and Transfer-Encoding\n",
+            "content-length with transfer-encoding",
+        ));
+    }
+    let limit = rt.config.server.client_max_body_size;
+    if limit > 0
+        && let Some(n) = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+        && n > limit
+    {
+        return Err((
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "413 Request Entity Too Large\n",
+            "request body larger than client_max_body_size",
+        ));
+    }
+    rt.router
+        .route(request_host(req), req.uri().path())
+        .ok_or((StatusCode::NOT_FOUND, "404 Not Found: no route\n", "no route"))
+}
+
+/// Build the request sent upstream: origin-form target, HTTP/1.1, hop-by-hop
+/// headers removed, X-Forwarded-* set. Returns it and whether it is an upgrade.
+fn upstream_request(
+    ctx: &Ctx,
+    req: Request<Incoming>,
+    limit: u64,
+    started: &Arc<AtomicU64>,
+) -> (Request<ReqBody>, bool) {
+    let (mut parts, body) = req.into_parts();
+    let upgrade = strip_hop_by_hop(&mut parts.headers);
+    let h = &mut parts.headers;
+    h.remove(header::EXPECT);
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let ip = ctx.remote.ip();
+    let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""));
+    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip}")).unwrap_or(ip_value.clone()),
+        None => ip_value.clone(),
+    };
+    h.insert(&X_FORWARDED_FOR, xff);
+    h.insert(&X_REAL_IP, ip_value);
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
+    let host = h
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    if let Some(host) = host {
+        if !h.contains_key(header::HOST) {
+            h.insert(header::HOST, host.clone());
+        }
+        h.insert(&X_FORWARDED_HOST, host);
+    }
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
+    }
+    parts.version = Version::HTTP_11;
+    let body = if body.is_end_stream() {
+        ReqBody::Empty
+    } else {
+        ReqBody::stream(body, limit, Arc::clone(started))
+    };
+    (Request::from_parts(parts, body), upgrade)
+}
+
+/// A copy of a request without a body, for replaying it to another peer.
+fn replay_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    if !matches!(req.body(), ReqBody::Empty) {
+        return None;
+    }
+    let mut r = Request::new(ReqBody::Empty);
+    *r.method_mut() = req.method().clone();
+    *r.uri_mut() = req.uri().clone();
+    *r.version_mut() = req.version();
+    *r.headers_mut() = req.headers().clone();
+    Some(r)
+}
+
+fn status_retryable(up: &Upstream, s: StatusCode) -> bool {
+    let n = &up.cfg.next_upstream;
+    match s.as_u16() {
+        500 => n.http_500,
+        502 => n.http_502,
+        503 => n.http_503,
+        504 => n.http_504,
+        403 => n.http_403,
+        404 => n.http_404,
+        429 => n.http_429,
+        _ => false,
+    }
+}
+
+/// Statuses that count as a peer failure when listed (nginx: 403/404 never do).
+fn status_is_failure(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 500 | 502 | 503 | 504 | 429)
+}
+
+/// Choose the next peer: primaries first, backups when no primary is usable.
+fn pick(
+    up: &Upstream,
+    worker: usize,
+    key: &RequestKey<'_>,
+    tried: &mut (Tried, Tried),
+) -> Option<Arc<Peer>> {
+    let now = now_ms();
+    let b = up.balancers(worker);
+    let (list, peers, set) = if let Some(i) = b.primary.pick(&up.primary, key, &tried.0, now) {
+        (i, &up.primary, &mut tried.0)
+    } else {
+        let i = b.backup.pick(&up.backup, key, &tried.1, now)?;
+        (i, &up.backup, &mut tried.1)
+    };
+    set.insert(list);
+    let peer = Arc::clone(&peers[list]);
+    peer.on_pick(now);
+    Some(peer)
+}
+
+async fn forward(
+    ctx: &Arc<Ctx>,
+    up: &Arc<Upstream>,
+    req: Request<Incoming>,
+    done: &mut Done,
+) -> Response<Kind> {
+    let cfg = &up.cfg;
+    let client_ip = ctx.remote.ip();
+    let mut key_buf = Vec::new();
+    if let Some(t) = &up.hash_key {
+        t.render(req.uri(), req.headers(), client_ip, &mut key_buf);
+    }
+    let key = RequestKey {
+        client_ip,
+        hash_key: &key_buf,
+    };
+    let mut client_upgrade = None;
+    let mut req = req;
+    if req.headers().contains_key(header::UPGRADE) {
+        client_upgrade = Some(hyper::upgrade::on(&mut req));
+    }
+    let started = Arc::new(AtomicU64::new(0));
+    let limit = ctx
+        .shared
+        .runtime
+        .load()
+        .config
+        .server
+        .client_max_body_size;
+    let (req, upgrade) = upstream_request(ctx, req, limit, &started);
+    if !upgrade {
+        client_upgrade = None;
+    }
+    let idempotent = is_idempotent(req.method());
+    let n_peers = up.primary.len() + up.backup.len();
+    let max_tries = match cfg.next_upstream_tries {
+        0 => n_peers,
+        n => (n as usize).min(n_peers.max(1)),
+    };
+    let deadline = (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
+
+    let mut tried = (Tried::new(), Tried::new());
+    let mut pending = Some(req);
+    let mut template: Option<Request<ReqBody>> = None;
+    let mut attempts = 0usize;
+    let mut last: Option<Response<Kind>> = None;
+
+    loop {
+        let Some(peer) = pick(up, ctx.worker, &key, &mut tried) else {
+            if attempts == 0 {
+                // nginx: no live upstreams; forget failures so the next request tries again.
+                up.stats.no_peer.fetch_add(1, Relaxed);
+                up.stats.local_502.fetch_add(1, Relaxed);
+                reset_all_fails(up);
+                tracing::warn!(upstream = %cfg.name, "no live upstreams");
+                done.note = Some("no live upstreams");
+                return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway: no live upstreams\n");
+            }
+            break;
+        };
+        attempts += 1;
+        if attempts > 1 {
+            up.stats.retries.fetch_add(1, Relaxed);
+        }
+        let Some(mut req) = pending.take().or_else(|| template.as_ref().and_then(replay_copy)) else {
+            break;
+        };
+        if template.is_none() && attempts < max_tries && cfg.next_upstream.error | cfg.next_upstream.timeout | status_any(up) {
+            template = replay_copy(&req);
+        }
+        let guard = peer.start_request();
+        let t0 = Instant::now();
+        let result = attempt(&peer, cfg, &mut req, &started).await;
+        let took = t0.elapsed();
+        let now = now_ms();
+        match result {
+            Ok((resp, tx)) => {
+                let status = resp.status();
+                peer.stats.count_status(status.as_u16());
+                if let Some(l) = done.log.as_mut() {
+                    l.upstreams.push((peer.addr_str.clone(), status.as_u16(), took));
+                }
+                ctx.shared
+                    .metrics
+                    .header_time
+                    .with_label_values(&[cfg.name.as_str(), peer.addr_str.as_str()])
+                    .observe(took.as_secs_f64());
+                peer.latency.record(took, now);
+                let listed = status_retryable(up, status);
+                if listed && status_is_failure(status) {
+                    peer.record_failure(now);
+                    peer.stats.count_fail(FailReason::Status);
+                } else {
+                    peer.record_success();
+                }
+                let can_retry = listed
+                    && attempts < max_tries
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && (idempotent || cfg.next_upstream.non_idempotent)
+                    && template.is_some();
+                if can_retry {
+                    tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing request to the next peer");
+                    continue;
+                }
+                return respond(ctx, up, peer, guard, resp, tx, client_upgrade, done);
+            }
+            Err(e) => {
+                if let Some(l) = done.log.as_mut() {
+                    l.upstreams.push((peer.addr_str.clone(), 0, took));
+                }
+                if let AttemptError::TooLarge = e {
+                    done.note = Some("request body larger than client_max_body_size");
+                    return full(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large\n");
+                }
+                if let AttemptError::ClientBody = e {
+                    done.note = Some("client closed the request body");
+                    return full(StatusCode::BAD_REQUEST, "400 Bad Request: request body incomplete\n");
+                }
+                let reason = e.reason();
+                peer.stats.count_fail(reason);
+                if e.counts_against_peer() && peer.record_failure(now) {
+                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
+                }
+                let is_timeout = reason == FailReason::Timeout;
+                let (status, text, note) = if is_timeout {
+                    (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n", "upstream timed out")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n", "upstream error")
+                };
+                tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
+                done.note = Some(note);
+                last = Some(full(status, text));
+                let listed = if is_timeout { cfg.next_upstream.timeout } else { cfg.next_upstream.error };
+                let sent = !matches!(e, AttemptError::Connect(_));
+                let replayable = pending.is_some() || template.is_some();
+                let may_retry = listed
+                    && !cfg.next_upstream.off
+                    && attempts < max_tries
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && (!sent || idempotent || cfg.next_upstream.non_idempotent)
+                    && (replayable || (!sent && started.load(Relaxed) == 0));
+                if !may_retry {
+                    break;
+                }
+                if pending.is_none() && !sent {
+                    // The request never left: it is still ours to send elsewhere.
+                    pending = Some(req);
+                }
+            }
+        }
+    }
+    let resp = last.unwrap_or_else(|| full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
+    match resp.status().as_u16() {
+        504 => up.stats.local_504.fetch_add(1, Relaxed),
+        _ => up.stats.local_502.fetch_add(1, Relaxed),
+    };
+    resp
+}
+
+fn status_any(up: &Upstream) -> bool {
+    let n = &up.cfg.next_upstream;
+    n.http_500 | n.http_502 | n.http_503 | n.http_504 | n.http_403 | n.http_404 | n.http_429
+}
+
+/// One attempt on one peer: a pooled connection (or a new one), the request, the
+/// response head. A pooled connection that turns out closed before the request
+/// left is replaced by a fresh one transparently.
+async fn attempt(
+    peer: &Arc<Peer>,
+    cfg: &crate::config::UpstreamConfig,
+    req: &mut Request<ReqBody>,
+    started: &Arc<AtomicU64>,
+) -> Result<
+    (
+        Response<Incoming>,
+        hyper::client::conn::http1::SendRequest<ReqBody>,
+    ),
+    AttemptError,
+> {
+    let mut pooled = client::checkout(peer);
+    loop {
+        let mut conn: Conn = match pooled.take() {
+            Some(c) => c,
+            None => client::connect(peer, cfg.connect_timeout)
+                .await
+                .map_err(AttemptError::Connect)?,
+        };
+        if conn.tx.ready().await.is_err() {
+            if conn.fresh {
+                return Err(AttemptError::Connect(ConnectError::Io(std::io::Error::other(
+                    "connection closed before the request was sent",
+                ))));
+            }
+            continue;
+        }
+        let out = std::mem::replace(req, Request::new(ReqBody::Empty));
+        let fut = conn.tx.try_send_request(out);
+        match with_read_timeout(fut, cfg.read_timeout, started).await {
+            None => return Err(AttemptError::Timeout),
+            Some(Ok(resp)) => return Ok((resp, conn.tx)),
+            Some(Err(mut e)) => {
+                if let Some(back) = e.take_message() {
+                    *req = back;
+                    if !conn.fresh {
+                        // A reused connection the peer closed: nothing was written.
+                        continue;
+                    }
+                }
+                let err = e.into_error();
+                if std::error::Error::source(&err).is_some_and(|s| is_body_too_large(s)) {
+                    return Err(AttemptError::TooLarge);
+                }
+                if err.is_user() {
+                    return Err(AttemptError::ClientBody);
+                }
+                return Err(AttemptError::Io(err));
+            }
+        }
+    }
+}
+
+/// Await response headers; the timer re-arms while the request body is still
+/// being sent, so a long upload is not cut by `read_timeout`.
+async fn with_read_timeout<F: std::future::Future>(
+    fut: F,
+    timeout: Duration,
+    progress: &AtomicU64,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    let sleep = tokio::time::sleep(timeout);
+    tokio::pin!(sleep);
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut fut => return Some(r),
+            _ = &mut sleep => {
+                let last = progress.load(Relaxed);
+                let idle = Duration::from_millis(now_ms().saturating_sub(last));
+                if last == 0 || idle >= timeout {
+                    return None;
+                }
+                sleep.as_mut().reset(Instant::now() + (timeout - idle));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn respond(
+    ctx: &Arc<Ctx>,
+    up: &Arc<Upstream>,
+    peer: Arc<Peer>,
+    guard: InFlight,
+    mut resp: Response<Incoming>,
+    tx: hyper::client::conn::http1::SendRequest<ReqBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    done: &mut Done,
+) -> Response<Kind> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_up) = client_upgrade {
+            let upstream_up = hyper::upgrade::on(&mut resp);
+            let name = up.cfg.name.clone();
+            tokio::spawn(async move {
+                let _guard = guard;
+                match tokio::try_join!(client_up, upstream_up) {
+                    Ok((c, u)) => {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                            tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
+                        }
+                    }
+                    Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+                }
+            });
+            let (parts, _) = resp.into_parts();
+            return Response::from_parts(parts, Kind::Full(None));
+        }
+    }
+    let _ = ctx;
+    let (mut parts, body) = resp.into_parts();
+    let upgrade = strip_hop_by_hop(&mut parts.headers);
+    let _ = upgrade;
+    done.conn = Some((peer, tx));
+    done._guard = Some(guard);
+    Response::from_parts(
+        parts,
+        Kind::Upstream {
+            body,
+            read_timeout: up.cfg.read_timeout,
+            timer: None,
+            progress: false,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::TRAILER, HeaderValue::from_static("x"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        assert!(!strip_hop_by_hop(&mut h));
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn keeps_upgrade_when_upgrading() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(strip_hop_by_hop(&mut h));
+        assert!(h.contains_key(header::UPGRADE));
+        assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn host_without_port() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("[::1]"), "::1");
+    }
+}
