@@ -694,21 +694,24 @@ fn parse_status_range(v: &StrOrInt) -> Result<(u16, u16), String> {
 const HASH_KEY_VARIABLES: &str =
     "$remote_addr $request_uri $uri $args $host $http_<name> $cookie_<name> $arg_<name>";
 
-/// Whether `name` (without `$`) is a variable the hash key template knows.
+/// Whether `name` (without `$`) is a variable the hash key template knows: names are
+/// case-insensitive and made of letters, digits and `_`, as `balance::key` parses them
+/// (which also takes nginx's aliases `$document_uri` and `$query_string`).
 fn known_variable(name: &str) -> bool {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
     if matches!(
-        name,
-        "remote_addr" | "request_uri" | "uri" | "args" | "host"
+        lower.as_str(),
+        "remote_addr" | "request_uri" | "uri" | "document_uri" | "args" | "query_string" | "host"
     ) {
         return true;
     }
     ["http_", "cookie_", "arg_"].iter().any(|prefix| {
-        name.strip_prefix(prefix).is_some_and(|rest| {
-            !rest.is_empty()
-                && rest
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
+        lower
+            .strip_prefix(prefix)
+            .is_some_and(|rest| !rest.is_empty())
     })
 }
 
@@ -949,7 +952,6 @@ impl Config {
     /// Writes [`Config::summary`].
     fn write_summary(&self, out: &mut String) -> std::fmt::Result {
         let s = &self.server;
-        writeln!(out, "configuration file {}: ok", self.path.display())?;
         let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
         let workers = if s.workers == 0 {
             "auto".to_owned()
@@ -975,6 +977,7 @@ impl Config {
             LogFormat::Json => "json",
         };
         let rows = vec![
+            vec!["file".to_owned(), self.path.display().to_string()],
             vec![
                 "listen".to_owned(),
                 format!(
@@ -1337,7 +1340,8 @@ impl Ctx<'_> {
         };
         if let Some(addr) = listen {
             let clash = server_listen.iter().position(|s| {
-                s.port() == addr.port()
+                addr.port() != 0
+                    && s.port() == addr.port()
                     && (s.ip() == addr.ip()
                         || s.ip().is_unspecified()
                         || addr.ip().is_unspecified())
@@ -2360,6 +2364,7 @@ mandatory = true
         let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
         let s = c.summary();
         for needle in [
+            "ferry.example.toml",
             "0.0.0.0:8080",
             "127.0.0.1:9180",
             "access stdout  format combined",
@@ -2838,8 +2843,16 @@ mandatory = true
             "${uri}x",
             "literal",
             "$host:$uri/${arg_page}",
+            "$HOST",
+            "$Http_X_User",
+            "$query_string",
+            "${document_uri}",
         ] {
             assert_eq!(check_template(good), Ok(()), "{good}");
+        }
+        // Braces do not widen the name alphabet (balance::key rejects these too).
+        for bad in ["${http_x-user}", "${}", "${remote addr}", "$request_id"] {
+            assert!(check_template(bad).is_err(), "{bad}");
         }
     }
 

@@ -42,6 +42,56 @@ pub struct Backend {
     pub served: Arc<AtomicU64>,
     /// Connections accepted.
     pub connections: Arc<AtomicU64>,
+    /// Connections open now.
+    pub open: Arc<AtomicU64>,
+    /// Request body bytes received.
+    pub received: Arc<AtomicU64>,
+}
+
+/// Decrements the open-connection gauge when a connection task ends.
+struct OpenGuard(Arc<AtomicU64>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A body of `n` bytes produced in 64 KiB chunks, never held whole in memory.
+struct Zeros {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl http_body::Body for Zeros {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64);
+        self.left -= n;
+        let data = self.chunk.slice(..n as usize);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(data))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.left)
+    }
+}
+
+/// What a backend answers with.
+type Reply = Response<http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>>;
+
+fn reply(status: StatusCode, text: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(text)).boxed_unsync());
+    *r.status_mut() = status;
+    r
 }
 
 impl Backend {
@@ -54,6 +104,8 @@ impl Backend {
             knobs: Arc::new(Knobs::default()),
             served: Arc::new(AtomicU64::new(0)),
             connections: Arc::new(AtomicU64::new(0)),
+            open: Arc::new(AtomicU64::new(0)),
+            received: Arc::new(AtomicU64::new(0)),
         };
         let me = b.clone();
         tokio::spawn(async move {
@@ -62,9 +114,11 @@ impl Backend {
                     continue;
                 };
                 me.connections.fetch_add(1, Relaxed);
+                me.open.fetch_add(1, Relaxed);
                 let _ = stream.set_nodelay(true);
                 let me = me.clone();
                 tokio::spawn(async move {
+                    let _open = OpenGuard(Arc::clone(&me.open));
                     if me.knobs.hang.load(Relaxed) == 1 {
                         // Hold the socket open, never read or answer.
                         tokio::time::sleep(Duration::from_secs(3600)).await;
@@ -87,12 +141,31 @@ impl Backend {
         Ok(b)
     }
 
-    async fn answer(&self, req: Request<Incoming>, on_conn: &AtomicU64) -> Response<Full<Bytes>> {
+    /// Paths: `/echo` answers the request head as text (`name: value` lines);
+    /// `/bytes/N` streams N bytes; `/status/N` answers status N; `/ws` accepts a
+    /// protocol upgrade and echoes bytes; anything else says hello. The request
+    /// body is always read and counted.
+    async fn answer(&self, mut req: Request<Incoming>, on_conn: &AtomicU64) -> Reply {
         let n = self.served.fetch_add(1, Relaxed) + 1;
         let here = on_conn.fetch_add(1, Relaxed) + 1;
         let latency = self.knobs.latency_ms.load(Relaxed);
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
+        }
+        if req.uri().path() == "/ws" && req.headers().contains_key(header::UPGRADE) {
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                if let Ok(up) = on.await {
+                    let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
+            });
+            let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, String::new());
+            r.headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+            r.headers_mut()
+                .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+            return r;
         }
         let (parts, body) = req.into_parts();
         // Read (and count) the request body.
@@ -103,16 +176,41 @@ impl Backend {
                 body_len += d.len() as u64;
             }
         }
-        let status = match self.knobs.status.load(Relaxed) {
+        self.received.fetch_add(body_len, Relaxed);
+        let mut status = match self.knobs.status.load(Relaxed) {
             0 => StatusCode::OK,
             s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
         };
-        let text = format!(
-            "hello from {} ({}) request {} {} {} body={}\n",
-            self.name, self.addr, n, parts.method, parts.uri, body_len
-        );
-        let mut r = Response::new(Full::new(Bytes::from(text)));
-        *r.status_mut() = status;
+        let path = parts.uri.path();
+        if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
+            status = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        }
+        let mut r = if path == "/echo" {
+            let mut text = format!("{} {} {:?}\n", parts.method, parts.uri, parts.version);
+            for (k, v) in &parts.headers {
+                text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+            }
+            text.push_str(&format!("body={body_len}\n"));
+            reply(status, text)
+        } else if let Some(n) = path.strip_prefix("/bytes/").and_then(|c| c.parse().ok()) {
+            let mut r = Response::new(
+                Zeros {
+                    left: n,
+                    chunk: Bytes::from(vec![b'x'; 64 * 1024]),
+                }
+                .boxed_unsync(),
+            );
+            *r.status_mut() = status;
+            r
+        } else if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            reply(status, String::new())
+        } else {
+            let text = format!(
+                "hello from {} ({}) request {} {} {} body={}\n",
+                self.name, self.addr, n, parts.method, parts.uri, body_len
+            );
+            reply(status, text)
+        };
         r.headers_mut().insert(
             "x-backend",
             http::HeaderValue::from_str(&self.name).unwrap_or(http::HeaderValue::from_static("?")),

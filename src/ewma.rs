@@ -44,7 +44,10 @@ fn pack(estimate_us: f64, now_ms: u64) -> u64 {
 }
 
 fn unpack(state: u64) -> (f64, u32) {
-    (f64::from(f32::from_bits((state >> 32) as u32)), state as u32)
+    (
+        f64::from(f32::from_bits((state >> 32) as u32)),
+        state as u32,
+    )
 }
 
 /// Milliseconds from `stamp` to `now` on the wrapping 32-bit clock; a clock that
@@ -151,7 +154,10 @@ mod tests {
         // Same millisecond: the minimum weight 0.05 applies.
         e.record(ms(0), T0);
         let v = e.estimate(T0);
-        assert!((v - (10_000.0 + 0.05 * (1.0 - 10_000.0))).abs() < 0.5, "{v}");
+        assert!(
+            (v - (10_000.0 + 0.05 * (1.0 - 10_000.0))).abs() < 0.5,
+            "{v}"
+        );
         // A stream of 1 ms samples, one per ms: converges within ~100 samples.
         let e = Ewma::new();
         e.record(ms(10), T0);

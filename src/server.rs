@@ -152,7 +152,9 @@ pub fn run(
         if let Some(l) = admin {
             match TcpListener::from_std(l) {
                 Ok(l) => {
-                    tracing::info!(addr = ?l.local_addr().ok(), "admin listening");
+                    if let Ok(a) = l.local_addr() {
+                        tracing::info!(addr = %a, "admin listening");
+                    }
                     tokio::spawn(crate::admin::serve(l, Arc::clone(&shared), path.clone(), workers));
                 }
                 Err(e) => tracing::error!(error = %e, "admin listener failed"),

@@ -106,7 +106,11 @@ mod tests {
             for &b in data {
                 c ^= u32::from(b);
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        (c >> 1) ^ 0xEDB8_8320
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
@@ -124,7 +128,11 @@ mod tests {
                 w -= weights[want];
                 want += 1;
             }
-            assert_eq!(pick(&s, &ps, key.as_bytes(), &Tried::new()), Some(want), "{key}");
+            assert_eq!(
+                pick(&s, &ps, key.as_bytes(), &Tried::new()),
+                Some(want),
+                "{key}"
+            );
         }
     }
 
@@ -197,7 +205,9 @@ mod tests {
         assert_eq!(pick(&s, &one, b"x", &Tried::new()), Some(0));
         let ps = peers(&[1, 1, 1]);
         let s = Hash::new(&ps);
-        let got: Vec<_> = (0..6).map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap()).collect();
+        let got: Vec<_> = (0..6)
+            .map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap())
+            .collect();
         assert_eq!(got, [0, 1, 2, 0, 1, 2]);
     }
 
@@ -210,6 +220,48 @@ mod tests {
             let key = format!("k{k}");
             assert_eq!(pick(&s, &ps, key.as_bytes(), &Tried::new()), Some(1));
         }
+    }
+
+    /// Recorded from nginx 1.22: `hash $arg_k` over 127.0.0.1:19001..19004,
+    /// weights 1,2,1,3 (and all weight 1 with the second down), keys key0..key59.
+    #[test]
+    fn same_peers_as_nginx() {
+        let cases = [
+            (
+                "plain",
+                [1, 2, 1, 3],
+                None,
+                "012213323303231330320130311213013023331333333331313113111302",
+            ),
+            (
+                "down",
+                [1, 1, 1, 1],
+                Some(1),
+                "303223030303200230300230032020200330020230022003030320023030",
+            ),
+        ];
+        for (what, weights, down, want) in cases {
+            let ps = nginx_peers(&weights);
+            if let Some(d) = down {
+                ps[d].set_down(true);
+            }
+            let s = Hash::new(&ps);
+            let got: String = (0..60)
+                .map(|k| {
+                    let key = format!("key{k}");
+                    let i = pick(&s, &ps, key.as_bytes(), &Tried::new()).unwrap();
+                    char::from(b'0' + i as u8)
+                })
+                .collect();
+            assert_eq!(got, want, "{what}");
+        }
+        // An empty key is round-robin (nginx's sequence for weights 1,2,1,3).
+        let ps = nginx_peers(&[1, 2, 1, 3]);
+        let s = Hash::new(&ps);
+        let got: Vec<_> = (0..10)
+            .map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap())
+            .collect();
+        assert_eq!(got, [3, 1, 0, 3, 2, 1, 3, 3, 1, 0]);
     }
 
     #[test]

@@ -127,7 +127,13 @@ mod tests {
         }
         let ps = peers(&[3, 1, 2]);
         let s = IpHash::new(&ps);
-        for (a, b, c) in [(10, 0, 0), (192, 168, 1), (8, 8, 8), (1, 2, 3), (172, 16, 254)] {
+        for (a, b, c) in [
+            (10, 0, 0),
+            (192, 168, 1),
+            (8, 8, 8),
+            (1, 2, 3),
+            (172, 16, 254),
+        ] {
             let ip = format!("{a}.{b}.{c}.42");
             let want = reference([a, b, c], &[3, 1, 2]);
             assert_eq!(pick(&s, &ps, &ip, &Tried::new()), Some(want), "{ip}");
@@ -205,6 +211,55 @@ mod tests {
         }
         for c in n {
             assert!((800..1200).contains(&c), "{n:?}");
+        }
+    }
+
+    /// Recorded from nginx 1.22 (client address set by realip): `ip_hash` over
+    /// 127.0.0.1:19001..19004 with weights 1,2,1,3; and three peers, the second down.
+    #[test]
+    fn same_peers_as_nginx() {
+        let v4: fn(u32) -> String = |k| format!("10.{}.{}.5", k * 7 % 256, k * 13 % 256);
+        let v6: fn(u32) -> String = |k| format!("2001:db8::{k}:1");
+        type Case<'a> = (
+            &'a str,
+            &'a [u32],
+            Option<usize>,
+            fn(u32) -> String,
+            &'a str,
+        );
+        let cases: [Case; 3] = [
+            (
+                "v4",
+                &[1, 2, 1, 3],
+                None,
+                v4,
+                "211033332110333321101110333211103332103303333211033332110033",
+            ),
+            (
+                "down",
+                &[1, 1, 1],
+                Some(1),
+                v4,
+                "000002222222202202220222222220220202000022000200200000000222",
+            ),
+            (
+                "v6",
+                &[1, 2, 1, 3],
+                None,
+                v6,
+                "231313023113131302311313023131",
+            ),
+        ];
+        for (what, weights, down, ip, want) in cases {
+            let ps = nginx_peers(weights);
+            if let Some(d) = down {
+                ps[d].set_down(true);
+            }
+            let s = IpHash::new(&ps);
+            let got: String = (0..want.len() as u32)
+                .map(|k| char::from(b'0' + pick(&s, &ps, &ip(k), &Tried::new()).unwrap() as u8))
+                .collect();
+            assert_eq!(got, want, "{what}");
         }
     }
 

@@ -122,11 +122,10 @@ impl Strategy for Ketama {
             let Some(group) = self.groups.get(point.group as usize) else {
                 continue;
             };
-            let usable = group.iter().copied().filter(|&i| {
-                peers
-                    .get(i)
-                    .is_some_and(|p| available(p, i, tried, now))
-            });
+            let usable = group
+                .iter()
+                .copied()
+                .filter(|&i| peers.get(i).is_some_and(|p| available(p, i, tried, now)));
             if let Some(i) = self.wrr.pick_among(peers, usable) {
                 return commit(peers, i, now);
             }
@@ -193,7 +192,11 @@ mod tests {
     #[test]
     fn removing_one_of_ten_moves_few_keys() {
         let ten = peers(&[1; 10]);
-        let nine: Vec<_> = ten.iter().filter(|p| p.params.name != "10.0.0.4:80").cloned().collect();
+        let nine: Vec<_> = ten
+            .iter()
+            .filter(|p| p.params.name != "10.0.0.4:80")
+            .cloned()
+            .collect();
         let a = Ketama::new(&ten);
         let b = Ketama::new(&nine);
         let mut moved = 0;
@@ -278,8 +281,51 @@ mod tests {
     fn empty_key_uses_round_robin() {
         let ps = peers(&[1, 1]);
         let s = Ketama::new(&ps);
-        let got: Vec<_> = (0..4).map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap()).collect();
+        let got: Vec<_> = (0..4)
+            .map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap())
+            .collect();
         assert_eq!(got, [0, 1, 0, 1]);
+    }
+
+    /// Recorded from nginx 1.22: `hash $arg_k consistent` over 127.0.0.1:19001..19004,
+    /// weights 1,2,1,1 (and all weight 1 with the second down), keys key0..key59.
+    #[test]
+    fn same_peers_as_nginx() {
+        let cases = [
+            (
+                "ring",
+                [1, 2, 1, 1],
+                None,
+                "321123330111012222133330111310021113331212031200023010221121",
+            ),
+            (
+                "down",
+                [1, 1, 1, 1],
+                Some(1),
+                "323323330023032222333330232300020333333202033200023020223022",
+            ),
+        ];
+        for (what, weights, down, want) in cases {
+            let ps = nginx_peers(&weights);
+            if let Some(d) = down {
+                ps[d].set_down(true);
+            }
+            let s = Ketama::new(&ps);
+            let got: String = (0..60)
+                .map(|k| {
+                    let key = format!("key{k}");
+                    let i = pick(&s, &ps, key.as_bytes(), &Tried::new()).unwrap();
+                    char::from(b'0' + i as u8)
+                })
+                .collect();
+            assert_eq!(got, want, "{what}");
+        }
+        let ps = nginx_peers(&[1, 2, 1, 1]);
+        let s = Ketama::new(&ps);
+        let got: Vec<_> = (0..10)
+            .map(|_| pick(&s, &ps, b"", &Tried::new()).unwrap())
+            .collect();
+        assert_eq!(got, [1, 0, 2, 3, 1, 1, 0, 2, 3, 1]);
     }
 
     #[test]

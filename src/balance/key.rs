@@ -78,7 +78,9 @@ impl KeyTemplate {
                 return Err(format!("invalid variable name at byte {i} in \"{source}\""));
             }
             if !literal.is_empty() {
-                parts.push(Part::Literal(std::mem::take(&mut literal).into_boxed_slice()));
+                parts.push(Part::Literal(
+                    std::mem::take(&mut literal).into_boxed_slice(),
+                ));
             }
             parts.push(Self::variable(name)?);
             i = next;
@@ -244,7 +246,10 @@ mod tests {
         let uri: Uri = uri.parse().unwrap();
         let mut h = HeaderMap::new();
         for (k, v) in headers {
-            h.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         let mut out = b"stale".to_vec();
         t.render(&uri, &h, ip.parse().unwrap(), &mut out);
@@ -262,7 +267,10 @@ mod tests {
         ];
         let ip = "198.51.100.7";
         assert_eq!(render("$remote_addr", uri, &hs, ip), "198.51.100.7");
-        assert_eq!(render("$request_uri", uri, &hs, ip), "/a/b?x=1&User=Bob&flag");
+        assert_eq!(
+            render("$request_uri", uri, &hs, ip),
+            "/a/b?x=1&User=Bob&flag"
+        );
         assert_eq!(render("$uri", uri, &hs, ip), "/a/b");
         assert_eq!(render("$args", uri, &hs, ip), "x=1&User=Bob&flag");
         assert_eq!(render("$host", uri, &hs, ip), "example.com");
@@ -270,7 +278,10 @@ mod tests {
         assert_eq!(render("$HTTP_X_USER_ID", uri, &hs, ip), "u-17");
         assert_eq!(render("$cookie_session", uri, &hs, ip), "abc123");
         assert_eq!(render("$cookie_other", uri, &hs, ip), "1");
-        assert_eq!(render("$http_cookie", uri, &hs, ip), "theme=dark; session = abc123 ; other=1");
+        assert_eq!(
+            render("$http_cookie", uri, &hs, ip),
+            "theme=dark; session = abc123 ; other=1"
+        );
         assert_eq!(render("$arg_user", uri, &hs, ip), "Bob");
         assert_eq!(render("$arg_flag", uri, &hs, ip), "");
         assert_eq!(render("$arg_x", uri, &hs, ip), "1");
@@ -284,7 +295,10 @@ mod tests {
             "k:/p-q!."
         );
         assert_eq!(render("${remote_addr}x", "/", &hs, "::1"), "::1x");
-        assert_eq!(render("$remote_addr", "/", &hs, "::ffff:10.1.2.3"), "10.1.2.3");
+        assert_eq!(
+            render("$remote_addr", "/", &hs, "::ffff:10.1.2.3"),
+            "10.1.2.3"
+        );
         assert_eq!(render("plain text", "/", &hs, "::1"), "plain text");
         assert_eq!(render("$http_x_missing", "/", &hs, "::1"), "");
         assert_eq!(render("$host", "/", &[], "::1"), "");
@@ -292,20 +306,34 @@ mod tests {
 
     #[test]
     fn host_forms() {
-        assert_eq!(render("$host", "/", &[("host", "[::1]:8080")], "::1"), "[::1]");
+        assert_eq!(
+            render("$host", "/", &[("host", "[::1]:8080")], "::1"),
+            "[::1]"
+        );
         assert_eq!(render("$host", "/", &[("host", "a.b")], "::1"), "a.b");
-        assert_eq!(render("$host", "http://Abs.Example:81/x", &[("host", "h")], "::1"), "abs.example");
+        assert_eq!(
+            render("$host", "http://Abs.Example:81/x", &[("host", "h")], "::1"),
+            "abs.example"
+        );
         let mut h = HeaderMap::new();
         h.insert(HOST, "x:1".parse().unwrap());
         let t = KeyTemplate::parse("$host$request_uri").unwrap();
         let mut out = Vec::new();
-        t.render(&"/y?z".parse().unwrap(), &h, "::1".parse().unwrap(), &mut out);
+        t.render(
+            &"/y?z".parse().unwrap(),
+            &h,
+            "::1".parse().unwrap(),
+            &mut out,
+        );
         assert_eq!(out, b"x/y?z");
     }
 
     #[test]
     fn parse_errors() {
-        for bad in ["", "$", "${", "${uri", "${}", "$nope", "$http_", "$cookie_", "$arg_", "a $ b", "${a b}"] {
+        for bad in [
+            "", "$", "${", "${uri", "${}", "$nope", "$http_", "$cookie_", "$arg_", "a $ b",
+            "${a b}",
+        ] {
             assert!(KeyTemplate::parse(bad).is_err(), "{bad:?} should fail");
         }
         let t = KeyTemplate::parse("$request_uri").unwrap();

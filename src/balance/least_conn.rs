@@ -123,6 +123,21 @@ mod tests {
         drop(guards);
     }
 
+    /// Recorded from nginx 1.22 with sequential requests (nothing in flight at pick time).
+    #[test]
+    fn same_sequences_as_nginx() {
+        let ps = nginx_peers(&[5, 1, 1]);
+        let lc = LeastConn::new(ps.len());
+        assert_eq!(
+            picks(&lc, &ps, 14),
+            [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]
+        );
+        let ps = nginx_peers(&[2, 1, 1, 3]);
+        ps[1].set_down(true);
+        let lc = LeastConn::new(ps.len());
+        assert_eq!(picks(&lc, &ps, 12), [3, 0, 2, 3, 0, 3, 3, 0, 2, 3, 0, 3]);
+    }
+
     #[test]
     fn skips_unusable_peers() {
         check_skips_unusable(|ps| Box::new(LeastConn::new(ps.len())));

@@ -236,7 +236,6 @@ mod tests {
             drop(sent);
             send(t, c, &mut events, &mut guards);
         }
-        drop(send);
         per_second
     }
 
@@ -248,16 +247,31 @@ mod tests {
         let ps = peers(&[1, 1, 1]);
         // Peer 2 answers in 10 ms for the first 2 s, then in 1 ms like the others.
         let per_second = simulate(&ps, clients, 7, |i, t_us| {
-            if i == 2 && t_us < 2_000_000 { 10_000 } else { 1_000 }
+            if i == 2 && t_us < 2_000_000 {
+                10_000
+            } else {
+                1_000
+            }
         });
-        let first_two: Vec<u64> = (0..3).map(|i| per_second[0][i] + per_second[1][i]).collect();
+        let first_two: Vec<u64> = (0..3)
+            .map(|i| per_second[0][i] + per_second[1][i])
+            .collect();
         let slow = share(&first_two, 2);
-        assert!(slow < 0.15, "clients {clients}: slow share {slow:.3} in the first 2 s");
+        assert!(
+            slow < 0.15,
+            "clients {clients}: slow share {slow:.3} in the first 2 s"
+        );
         let second = share(&per_second[1], 2);
-        assert!(second < 0.15, "clients {clients}: slow share {second:.3} in second 2");
+        assert!(
+            second < 0.15,
+            "clients {clients}: slow share {second:.3} in second 2"
+        );
         // Recovered at 2 s: back to at least 25% within 5 s (the 5th second after).
         let back = share(&per_second[6], 2);
-        assert!(back >= 0.25, "clients {clients}: share {back:.3} after recovery: {per_second:?}");
+        assert!(
+            back >= 0.25,
+            "clients {clients}: share {back:.3} after recovery: {per_second:?}"
+        );
     }
 
     #[test]
@@ -281,7 +295,10 @@ mod tests {
         let per_second = simulate(&ps, 8, 3, |i, _| 2_000 + 150 * i as u64);
         for i in 0..3 {
             let sh = share(&per_second[2], i);
-            assert!((0.28..0.39).contains(&sh), "peer {i}: {sh:.3} {per_second:?}");
+            assert!(
+                (0.28..0.39).contains(&sh),
+                "peer {i}: {sh:.3} {per_second:?}"
+            );
         }
     }
 

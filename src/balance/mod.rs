@@ -46,8 +46,13 @@ pub struct RequestKey<'a> {
 /// and calls [`Peer::on_pick`] on the chosen peer, as nginx's `get_peer` does.
 pub trait Strategy: Send + Sync {
     /// The index into `peers` of the chosen peer, or `None` when no peer is usable.
-    fn pick(&self, peers: &[Arc<Peer>], key: &RequestKey<'_>, tried: &Tried, now: u64)
-    -> Option<usize>;
+    fn pick(
+        &self,
+        peers: &[Arc<Peer>],
+        key: &RequestKey<'_>,
+        tried: &Tried,
+        now: u64,
+    ) -> Option<usize>;
 }
 
 /// Build the strategy an upstream's configuration asks for, over `peers` (one list:
@@ -165,6 +170,18 @@ pub(crate) mod testutil {
             .collect()
     }
 
+    /// Peers named `127.0.0.1:1900<i+1>`, as in the nginx runs the tests recorded.
+    pub fn nginx_peers(weights: &[u32]) -> Vec<Arc<Peer>> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let name = format!("127.0.0.1:1900{}", i + 1);
+                peer_with(&name, &name, w)
+            })
+            .collect()
+    }
+
     pub fn key(ip: &str) -> RequestKey<'static> {
         RequestKey {
             client_ip: ip.parse().unwrap(),
@@ -182,7 +199,10 @@ pub(crate) mod testutil {
     /// `n` picks with no peer tried, as indices.
     pub fn picks(s: &dyn Strategy, peers: &[Arc<Peer>], n: usize) -> Vec<usize> {
         (0..n)
-            .map(|_| s.pick(peers, &key("192.0.2.1"), &Tried::new(), NOW).unwrap())
+            .map(|_| {
+                s.pick(peers, &key("192.0.2.1"), &Tried::new(), NOW)
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -204,7 +224,12 @@ pub(crate) mod testutil {
                 .collect()
         };
         let keys: Vec<(String, Vec<u8>)> = (0..200)
-            .map(|k| (format!("10.{}.{}.7", k % 256, k / 3), format!("key-{k}").into_bytes()))
+            .map(|k| {
+                (
+                    format!("10.{}.{}.7", k % 256, k / 3),
+                    format!("key-{k}").into_bytes(),
+                )
+            })
             .collect();
         let pick_all = |s: &dyn Strategy, peers: &[Arc<Peer>], tried: &Tried| {
             keys.iter()
@@ -237,7 +262,10 @@ pub(crate) mod testutil {
             let s = make(&peers);
             let got = pick_all(&*s, &peers, &tried);
             assert!(got.iter().all(|g| g.is_some()), "condition {bad}: {got:?}");
-            assert!(!got.contains(&Some(bad)), "condition {bad}: picked the bad peer");
+            assert!(
+                !got.contains(&Some(bad)),
+                "condition {bad}: picked the bad peer"
+            );
         }
         // All at once, except one peer: always that one.
         let peers = build();
@@ -256,7 +284,11 @@ pub(crate) mod testutil {
         assert!(got.iter().all(|g| g.is_none()), "{got:?}");
         // Empty list: nothing.
         let s = make(&[]);
-        assert!(pick_all(&*s, &[], &Tried::new()).iter().all(|g| g.is_none()));
+        assert!(
+            pick_all(&*s, &[], &Tried::new())
+                .iter()
+                .all(|g| g.is_none())
+        );
     }
 }
 
@@ -327,10 +359,7 @@ mod tests {
     fn walk_by_weight_follows_ranges() {
         let ps = peers(&[2, 1, 3]);
         let got: Vec<_> = (0..6).map(|w| walk_by_weight(&ps, w)).collect();
-        assert_eq!(
-            got,
-            [Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)]
-        );
+        assert_eq!(got, [Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)]);
         assert_eq!(walk_by_weight(&ps, 6), None);
         assert_eq!(total_weight(&ps), 6);
     }
