@@ -1288,7 +1288,8 @@ impl Ctx<'_> {
                     let key = format!("server.listen[{i}]");
                     let addr = parse_listen(item.get_ref())
                         .map_err(|m| self.err(item.span(), key.as_str(), m))?;
-                    if out.contains(&addr) {
+                    // Port 0 asks the kernel for a free port: never a duplicate.
+                    if addr.port() != 0 && out.contains(&addr) {
                         return Err(self.err(item.span(), key, format!("{addr} is listed twice")));
                     }
                     out.push(addr);
@@ -1339,6 +1340,7 @@ impl Ctx<'_> {
             }
         };
         if let Some(addr) = listen {
+            // Port 0 asks the kernel for a free port: it never clashes.
             let clash = server_listen.iter().position(|s| {
                 addr.port() != 0
                     && s.port() == addr.port()
@@ -2735,6 +2737,15 @@ mandatory = true
         check(&e, 2, 11, "server.listen[0]", "expected ip:port");
         let e = err(&format!("[admin]\nlisten = \"127.0.0.1\"\n{ONE}"));
         check(&e, 2, 10, "admin.listen", "invalid listen address");
+        // Port 0 (any free port) never clashes and is never a duplicate.
+        let c = ok(&format!(
+            "[server]\nlisten = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\n[admin]\nlisten = \"127.0.0.1:0\"\n{ONE}"
+        ));
+        assert_eq!(c.admin.listen.map(|a| a.port()), Some(0));
+        let e = err(&format!(
+            "[server]\nlisten = [\"0.0.0.0:80\", \"0.0.0.0:80\"]\n{ONE}"
+        ));
+        check(&e, 2, 25, "server.listen[1]", "listed twice");
         let e = err(&format!("[server]\nlisten = [\"0.0.0.0:9180\"]\n{ONE}"));
         check(&e, 2, 11, "server.listen[0]", "overlaps the admin listener");
         let c = ok(&format!(
