@@ -27,6 +27,14 @@ pub struct Knobs {
     pub close_every: AtomicU64,
     /// Accept connections but never answer (1 = hang).
     pub hang: AtomicU16,
+    /// Close each connection this many milliseconds after its last response
+    /// ended, without announcing it (`Connection: close` is not sent), like an
+    /// app server whose idle timeout is shorter than ferry's (0 = never).
+    pub idle_close_ms: AtomicU64,
+    /// Extra headers put on every response (hop-by-hop ones included, for tests).
+    pub extra_headers: std::sync::Mutex<Vec<(String, String)>>,
+    /// `/hold` sends its first chunk, then waits for this before the rest.
+    pub release: tokio::sync::Notify,
 }
 
 /// A running demo/test backend.
@@ -85,6 +93,85 @@ impl http_body::Body for Zeros {
     }
 }
 
+/// Requests in progress on one backend connection and when the last one ended.
+#[derive(Debug, Default)]
+struct Activity {
+    busy: std::sync::Mutex<(u32, Option<tokio::time::Instant>)>,
+}
+
+impl Activity {
+    /// How long the connection has been idle since its last response ended;
+    /// `None` while a request is in progress or before the first one ended.
+    fn idle_for(&self) -> Option<Duration> {
+        let g = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        match *g {
+            (0, Some(t)) => Some(t.elapsed()),
+            _ => None,
+        }
+    }
+}
+
+/// Marks a request in progress until its response body is dropped.
+struct BusyGuard(Arc<Activity>);
+
+impl BusyGuard {
+    fn start(a: Arc<Activity>) -> BusyGuard {
+        a.busy.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+        BusyGuard(a)
+    }
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut g = self.0.busy.lock().unwrap_or_else(|e| e.into_inner());
+        g.0 = g.0.saturating_sub(1);
+        g.1 = Some(tokio::time::Instant::now());
+    }
+}
+
+/// A response body that holds a [`BusyGuard`] until hyper is done with it.
+struct Tracked<B> {
+    inner: B,
+    _busy: BusyGuard,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A body fed from a channel: `/hold` sends part of it, then waits.
+struct Chunks(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|c| c.map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
 /// What a backend answers with.
 type Reply = Response<http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>>;
 
@@ -125,16 +212,39 @@ impl Backend {
                         drop(stream);
                         return;
                     }
+                    let idle_close = me.knobs.idle_close_ms.load(Relaxed);
                     let on_conn = Arc::new(AtomicU64::new(0));
+                    let activity = Arc::new(Activity::default());
+                    let act = Arc::clone(&activity);
                     let svc = service_fn(move |req| {
                         let me = me.clone();
                         let on_conn = Arc::clone(&on_conn);
-                        async move { Ok::<_, Infallible>(me.answer(req, &on_conn).await) }
+                        let busy = BusyGuard::start(Arc::clone(&act));
+                        async move {
+                            let r = me.answer(req, &on_conn).await;
+                            Ok::<_, Infallible>(r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()))
+                        }
                     });
-                    let _ = http1::Builder::new()
+                    let conn = http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                        .with_upgrades();
+                    if idle_close == 0 {
+                        let _ = conn.await;
+                        return;
+                    }
+                    tokio::pin!(conn);
+                    let idle_close = Duration::from_millis(idle_close);
+                    loop {
+                        let wait = activity.idle_for().map_or(idle_close, |idle| idle_close.saturating_sub(idle));
+                        if wait.is_zero() {
+                            // Drop the connection: the socket closes with no notice.
+                            return;
+                        }
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
                 });
             }
         });
@@ -142,7 +252,8 @@ impl Backend {
     }
 
     /// Paths: `/echo` answers the request head as text (`name: value` lines);
-    /// `/bytes/N` streams N bytes; `/status/N` answers status N; `/ws` accepts a
+    /// `/bytes/N` streams N bytes; `/hold` streams a first chunk and the rest
+    /// only after `knobs.release` is notified; `/status/N` answers status N; `/ws` accepts a
     /// protocol upgrade and echoes bytes; anything else says hello. The request
     /// body is always read and counted.
     async fn answer(&self, mut req: Request<Incoming>, on_conn: &AtomicU64) -> Reply {
@@ -174,9 +285,10 @@ impl Backend {
         while let Some(Ok(frame)) = body.frame().await {
             if let Some(d) = frame.data_ref() {
                 body_len += d.len() as u64;
+                // Counted as it arrives, so a test can see a body stream through.
+                self.received.fetch_add(d.len() as u64, Relaxed);
             }
         }
-        self.received.fetch_add(body_len, Relaxed);
         let mut status = match self.knobs.status.load(Relaxed) {
             0 => StatusCode::OK,
             s => StatusCode::from_u16(s).unwrap_or(StatusCode::OK),
@@ -202,6 +314,17 @@ impl Backend {
             );
             *r.status_mut() = status;
             r
+        } else if path == "/hold" {
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let knobs = Arc::clone(&self.knobs);
+            tokio::spawn(async move {
+                let _ = tx.send(Bytes::from_static(b"first part\n")).await;
+                knobs.release.notified().await;
+                let _ = tx.send(Bytes::from_static(b"second part\n")).await;
+            });
+            let mut r = Response::new(Chunks(rx).boxed_unsync());
+            *r.status_mut() = status;
+            r
         } else if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             reply(status, String::new())
         } else {
@@ -215,6 +338,16 @@ impl Backend {
             "x-backend",
             http::HeaderValue::from_str(&self.name).unwrap_or(http::HeaderValue::from_static("?")),
         );
+        if let Ok(extra) = self.knobs.extra_headers.lock() {
+            for (k, v) in extra.iter() {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.as_bytes()),
+                    http::HeaderValue::from_str(v),
+                ) {
+                    r.headers_mut().append(k, v);
+                }
+            }
+        }
         let close_every = self.knobs.close_every.load(Relaxed);
         if close_every > 0 && here % close_every == 0 {
             r.headers_mut()

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use ferry::demo::Backend;
 
+mod kit;
+pub use kit::*;
+
 /// Generous deadline for anything that waits on I/O.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -281,4 +284,88 @@ pub fn config(upstream_extra: &str, servers: &str) -> String {
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\naccess = \"off\"\n\n[[upstream]]\nname = \"app\"\n{upstream_extra}\n{servers}"
     )
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the pool, failure, streaming and CLI tests.
+
+/// An address on loopback where nothing listens: connecting to it is refused.
+pub fn closed_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let a = l.local_addr().expect("local addr");
+    drop(l);
+    a
+}
+
+/// Poll `cond` every 10 ms until it holds or `within` passes; whether it held.
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= within {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// What `wrk` reports.
+#[derive(Debug, Clone, Default)]
+pub struct WrkReport {
+    /// Completed requests.
+    pub requests: u64,
+    /// Responses that were not 2xx or 3xx.
+    pub non_2xx: u64,
+    /// Socket errors (connect + read + write + timeout).
+    pub socket_errors: u64,
+    /// The whole output, for messages.
+    pub output: String,
+}
+
+/// Run `wrk -t1 -c<conns> -d<secs>s <url>` and parse its report.
+pub fn wrk(url: &str, conns: u32, secs: u32) -> WrkReport {
+    let out = Command::new("wrk")
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "10s", url])
+        .output()
+        .expect("wrk installed (apt-get install -y wrk)");
+    let output = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "wrk failed: {output}");
+    let mut r = WrkReport { output: output.clone(), ..WrkReport::default() };
+    for line in output.lines().map(str::trim) {
+        if line.contains(" requests in ") {
+            r.requests = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            r.non_2xx = rest.trim().parse().unwrap_or(0);
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            r.socket_errors = rest
+                .split(',')
+                .filter_map(|kv| kv.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
+                .sum();
+        }
+    }
+    assert!(r.requests > 0, "cannot parse wrk's report: {output}");
+    r
+}
+
+/// Run curl with these arguments, timing it; (exit code, stdout, stderr, elapsed).
+pub fn curl_timed(args: &[&str]) -> (i32, String, String, Duration) {
+    let start = Instant::now();
+    let (code, out, err) = curl(args);
+    (code, out, err, start.elapsed())
+}
+
+impl Backends {
+    /// Backend `i` (0-based).
+    pub fn get(&self, i: usize) -> &Backend {
+        &self.list[i]
+    }
+}
+
+impl Ferry {
+    /// The ferry process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
