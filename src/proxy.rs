@@ -103,7 +103,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
     upgrade
 }
 
-/// The Host a request is for, without port, as sent.
+/// The Host a request is for, as routes name it: without port or trailing dot.
 fn request_host(req: &Request<Incoming>) -> &str {
     let raw = req
         .uri()
@@ -113,14 +113,17 @@ fn request_host(req: &Request<Incoming>) -> &str {
     strip_port(raw)
 }
 
+/// `host[:port]` -> `host`, and `host.` -> `host`. An IPv6 literal keeps its
+/// brackets, as the config's routes store it (`[::1]`).
 fn strip_port(h: &str) -> &str {
-    if let Some(rest) = h.strip_prefix('[') {
-        return rest.split(']').next().unwrap_or("");
+    if h.starts_with('[') {
+        return h.find(']').map_or("", |i| &h[..=i]);
     }
-    match h.rfind(':') {
+    let h = match h.rfind(':') {
         Some(i) if h[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &h[..i],
         _ => h,
-    }
+    };
+    h.strip_suffix('.').unwrap_or(h)
 }
 
 /// A response body: streamed from a peer, or written by ferry.
@@ -290,12 +293,7 @@ impl Drop for Done {
         }
         let elapsed = self.start.elapsed();
         if let Some(up) = &self.up {
-            self.ctx
-                .shared
-                .metrics
-                .request_duration
-                .with_label_values(&[up.cfg.name.as_str()])
-                .observe(elapsed.as_secs_f64());
+            up.request_hist.observe(elapsed.as_secs_f64());
         }
         if let Some(info) = self.log.take() {
             let info = *info;
@@ -490,10 +488,15 @@ fn upstream_request(
     }
     let ip = ctx.remote.ip();
     let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""));
-    let xff = match h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {ip}")).unwrap_or(ip_value.clone()),
-        None => ip_value.clone(),
-    };
+    // Every incoming X-Forwarded-For line, joined, then the client (nginx's
+    // $proxy_add_x_forwarded_for): a second line must not drop the chain.
+    let mut chain: Vec<u8> = Vec::new();
+    for v in h.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
+        chain.extend_from_slice(v.as_bytes());
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(ip_value.as_bytes());
+    let xff = HeaderValue::from_bytes(&chain).unwrap_or(ip_value.clone());
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
@@ -557,24 +560,25 @@ fn status_is_failure(s: StatusCode) -> bool {
 }
 
 /// Choose the next peer: primaries first, backups when no primary is usable.
+/// Returns the peer and its position in [`Upstream::peers`] order.
 fn pick(
     up: &Upstream,
     worker: usize,
     key: &RequestKey<'_>,
     tried: &mut (Tried, Tried),
-) -> Option<Arc<Peer>> {
+) -> Option<(Arc<Peer>, usize)> {
     let now = now_ms();
     let b = up.balancers(worker);
-    let (list, peers, set) = if let Some(i) = b.primary.pick(&up.primary, key, &tried.0, now) {
-        (i, &up.primary, &mut tried.0)
+    let (pos, peer) = if let Some(i) = b.primary.pick(&up.primary, key, &tried.0, now) {
+        tried.0.insert(i);
+        (i, &up.primary[i])
     } else {
         let i = b.backup.pick(&up.backup, key, &tried.1, now)?;
-        (i, &up.backup, &mut tried.1)
+        tried.1.insert(i);
+        (up.primary.len() + i, &up.backup[i])
     };
-    set.insert(list);
-    let peer = Arc::clone(&peers[list]);
     peer.on_pick(now);
-    Some(peer)
+    Some((Arc::clone(peer), pos))
 }
 
 async fn forward(
@@ -625,7 +629,7 @@ async fn forward(
     let mut last: Option<Response<Kind>> = None;
 
     loop {
-        let Some(peer) = pick(up, ctx.worker, &key, &mut tried) else {
+        let Some((peer, pos)) = pick(up, ctx.worker, &key, &mut tried) else {
             if attempts == 0 {
                 // nginx: no live upstreams; forget failures so the next request tries again.
                 up.stats.no_peer.fetch_add(1, Relaxed);
@@ -659,11 +663,9 @@ async fn forward(
                 if let Some(l) = done.log.as_mut() {
                     l.upstreams.push((peer.addr_str.clone(), status.as_u16(), took));
                 }
-                ctx.shared
-                    .metrics
-                    .header_time
-                    .with_label_values(&[cfg.name.as_str(), peer.addr_str.as_str()])
-                    .observe(took.as_secs_f64());
+                if let Some(h) = up.header_hists.get(pos) {
+                    h.observe(took.as_secs_f64());
+                }
                 peer.latency.record(took, now);
                 let listed = status_retryable(up, status);
                 if listed && status_is_failure(status) {
@@ -908,7 +910,8 @@ mod tests {
     fn host_without_port() {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:80"), "::1");
-        assert_eq!(strip_port("[::1]"), "::1");
+        assert_eq!(strip_port("example.com.:80"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
     }
 }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::balance::{self, KeyTemplate, Strategy};
 use crate::config::{Config, HostMatch, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::peer::{Peer, PeerParams};
 
 /// Counters of one upstream that survive reloads (keyed by name).
@@ -47,6 +48,11 @@ pub struct Upstream {
     pub hash_key: Option<KeyTemplate>,
     /// Counters that survive reloads.
     pub stats: Arc<UpstreamStats>,
+    /// `ferry_http_request_duration_seconds{upstream}`, resolved once.
+    pub request_hist: prometheus::Histogram,
+    /// `ferry_upstream_header_time_seconds{upstream,peer}` per peer, in
+    /// [`Upstream::peers`] order.
+    pub header_hists: Vec<prometheus::Histogram>,
 }
 
 impl Upstream {
@@ -176,7 +182,12 @@ fn peer_params(s: &crate::config::ServerEntry, single: bool) -> PeerParams {
 impl Runtime {
     /// Build a snapshot for `workers` workers, re-using peers (and their state) from
     /// `previous` where (upstream name, address, parameters) still match.
-    pub fn build(config: Arc<Config>, workers: usize, previous: Option<&Runtime>) -> Runtime {
+    pub fn build(
+        config: Arc<Config>,
+        workers: usize,
+        previous: Option<&Runtime>,
+        metrics: &Metrics,
+    ) -> Runtime {
         let mut old_peers: HashMap<(&str, std::net::SocketAddr), &Arc<Peer>> = HashMap::new();
         let mut old_stats: HashMap<&str, &Arc<UpstreamStats>> = HashMap::new();
         if let Some(prev) = previous {
@@ -222,7 +233,21 @@ impl Runtime {
                     .get(u.name.as_str())
                     .map(|s| Arc::clone(s))
                     .unwrap_or_default();
+                let request_hist = metrics
+                    .request_duration
+                    .with_label_values(&[u.name.as_str()]);
+                let header_hists = primary
+                    .iter()
+                    .chain(backup.iter())
+                    .map(|p| {
+                        metrics
+                            .header_time
+                            .with_label_values(&[u.name.as_str(), p.addr_str.as_str()])
+                    })
+                    .collect();
                 Arc::new(Upstream {
+                    request_hist,
+                    header_hists,
                     cfg: u.clone(),
                     primary,
                     backup,

@@ -116,7 +116,7 @@ pub fn run(
     let path = cfg.path.clone();
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
-        runtime: ArcSwap::from_pointee(Runtime::build(Arc::clone(&cfg), workers, None)),
+        runtime: ArcSwap::from_pointee(Runtime::build(Arc::clone(&cfg), workers, None, metrics)),
         metrics,
         log,
     });
@@ -231,7 +231,7 @@ pub fn reload(shared: &Shared, path: &std::path::Path, workers: usize) -> Result
             if new.server.listen != old.config.server.listen {
                 tracing::warn!("listener changes take effect at restart");
             }
-            let rt = Runtime::build(Arc::new(new), workers, Some(&old));
+            let rt = Runtime::build(Arc::new(new), workers, Some(&old), metrics);
             shared.runtime.store(Arc::new(rt));
             metrics.reloads.with_label_values(&["ok"]).inc();
             tracing::info!("configuration reloaded");
