@@ -11,6 +11,7 @@ pub mod config;
 pub mod conn;
 pub mod demo;
 pub mod ewma;
+pub mod health;
 pub mod metrics;
 pub mod peer;
 pub mod proxy;

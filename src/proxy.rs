@@ -404,6 +404,7 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Re
         note: None,
     };
 
+    let had_body = !req.body().is_end_stream();
     let resp = match check_request(&req, &rt) {
         Err((status, text, note)) => {
             if status == StatusCode::NOT_FOUND {
@@ -428,6 +429,11 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Re
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if had_body {
+                // Let the client finish sending before the close, or it may see
+                // a reset instead of this answer.
+                ctx.state.linger_on_close();
+            }
         }
     }
     Ok(Response::from_parts(
@@ -626,10 +632,19 @@ async fn forward(
     let mut pending = Some(req);
     let mut template: Option<Request<ReqBody>> = None;
     let mut attempts = 0usize;
+    let mut panicked = false;
     let mut last: Option<Response<Kind>> = None;
 
     loop {
         let Some((peer, pos)) = pick(up, ctx.worker, &key, &mut tried) else {
+            if attempts == 0 && !panicked && up.peers().any(|p| held_out_by_passive_checks_only(p)) {
+                // Every usable peer is out on passive evidence alone: try them anyway
+                // rather than fail fast (Envoy's panic mode). Active checks and
+                // `down`/draining are respected.
+                panicked = true;
+                reset_all_fails(up);
+                continue;
+            }
             if attempts == 0 {
                 // nginx: no live upstreams; forget failures so the next request tries again.
                 up.stats.no_peer.fetch_add(1, Relaxed);
@@ -736,6 +751,15 @@ async fn forward(
         _ => up.stats.local_502.fetch_add(1, Relaxed),
     };
     resp
+}
+
+/// A peer that only passive failure accounting keeps out of rotation.
+fn held_out_by_passive_checks_only(p: &Peer) -> bool {
+    !p.is_down()
+        && !p.is_draining()
+        && p.is_healthy()
+        && (p.params.max_conns == 0 || p.in_flight() < p.params.max_conns)
+        && p.is_failed(now_ms())
 }
 
 fn status_any(up: &Upstream) -> bool {

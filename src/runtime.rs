@@ -210,8 +210,19 @@ impl Runtime {
                     for addr in &s.addrs {
                         let peer = match old_peers.get(&(u.name.as_str(), *addr)) {
                             Some(p) if p.params == params => Arc::clone(p),
-                            _ => Arc::new(Peer::new(*addr, params.clone())),
+                            _ => {
+                                let p = Arc::new(Peer::new(*addr, params.clone()));
+                                // Mandatory checks: a new peer waits for its first pass.
+                                if u.health_check.as_ref().is_some_and(|h| h.mandatory) {
+                                    p.set_healthy(false);
+                                }
+                                p
+                            }
                         };
+                        if u.health_check.is_none() {
+                            // No active checks (any more): nothing may hold it out.
+                            peer.set_healthy(true);
+                        }
                         if s.backup {
                             backup.push(peer);
                         } else {

@@ -196,6 +196,7 @@ async fn wait_for_stop(
         return;
     };
     let mut stop = stop;
+    let mut checkers = crate::health::start(&shared.runtime.load());
     loop {
         let stop_fut = async {
             match stop.as_mut() {
@@ -210,7 +211,10 @@ async fn wait_for_stop(
             _ = int.recv() => return,
             _ = stop_fut => return,
             _ = hup.recv() => {
-                let _ = reload(shared, path, workers);
+                if reload(shared, path, workers).is_ok() {
+                    drop(checkers);
+                    checkers = crate::health::start(&shared.runtime.load());
+                }
             }
             _ = usr1.recv() => shared.log.reopen(),
         }
@@ -355,10 +359,21 @@ async fn serve_connection(
     let conn = http1::Builder::new()
         .keep_alive(keepalive_ms > 0)
         .max_buf_size(MAX_HEAD + 1024)
+        // max_buf_size alone is loose (a read may fill the buffer's whole spare
+        // capacity, so a head up to twice as large can parse); this is exact.
+        .max_header_size(MAX_HEAD)
         .serve_connection(io, svc)
         .with_upgrades();
     tokio::pin!(conn);
-    let sleep = tokio::time::sleep(Duration::from_millis(header_ms.max(1)));
+    // The timer is not told when the state changes, so while no deadline is due
+    // it re-checks this often; no longer than either timeout, so that it always
+    // wakes before an idle or header deadline and then re-arms to it exactly.
+    let period = match keepalive_ms {
+        0 => header_ms,
+        k => header_ms.min(k),
+    }
+    .max(1);
+    let sleep = tokio::time::sleep(Duration::from_millis(period));
     tokio::pin!(sleep);
     let mut closing = *stop.borrow();
     if closing {
@@ -390,7 +405,7 @@ async fn serve_connection(
                     closing = true;
                     sleep.as_mut().reset(Instant::now() + Duration::from_secs(3600));
                 } else {
-                    let wait = if limit == u64::MAX { header_ms.max(1000) } else { limit - elapsed };
+                    let wait = if limit == u64::MAX { period } else { limit - elapsed };
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
                 }
             }
