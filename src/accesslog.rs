@@ -125,6 +125,9 @@ fn open(path: Option<&PathBuf>) -> std::io::Result<Box<dyn std::io::Write + Send
     })
 }
 
+/// The writer thread: batches queued entries into one write. It wakes at least
+/// every 500 ms, so a reopen asked for by SIGUSR1 happens within that even
+/// when no request comes.
 fn writer(
     rx: Receiver<Entry>,
     mut out: Box<dyn std::io::Write + Send>,
@@ -140,8 +143,15 @@ fn writer(
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
         if reopen.swap(false, Relaxed) {
+            let _ = out.flush();
             match open(path.as_ref()) {
-                Ok(o) => out = o,
+                Ok(o) => {
+                    out = o;
+                    if let Some(p) = &path {
+                        tracing::info!(path = %p.display(), "access log reopened");
+                    }
+                }
+                // Keep writing to the old file rather than losing lines.
                 Err(e) => tracing::error!(error = %e, "cannot reopen the access log"),
             }
         }
@@ -242,7 +252,11 @@ fn json(buf: &mut String, e: &Entry) {
     json_str(buf, &e.uri.to_string());
     buf.push_str(",\"protocol\":");
     json_str(buf, &format!("{:?}", e.version));
-    let _ = write!(buf, ",\"status\":{},\"body_bytes_sent\":{}", e.status, e.bytes);
+    let _ = write!(
+        buf,
+        ",\"status\":{},\"body_bytes_sent\":{}",
+        e.status, e.bytes
+    );
     buf.push_str(",\"http_referer\":");
     json_str(buf, hv(&e.referer));
     buf.push_str(",\"http_user_agent\":");
@@ -261,7 +275,11 @@ fn json(buf: &mut String, e: &Entry) {
             t.as_secs_f64()
         );
     }
-    let _ = write!(buf, "],\"request_time\":{:.3}", e.request_time.as_secs_f64());
+    let _ = write!(
+        buf,
+        "],\"request_time\":{:.3}",
+        e.request_time.as_secs_f64()
+    );
     if let Some(n) = e.note {
         buf.push_str(",\"note\":");
         json_str(buf, n);
@@ -343,7 +361,9 @@ mod tests {
     fn json_line() {
         let mut s = String::new();
         format_entry(&mut s, &entry(), LogFormat::Json);
-        assert!(s.starts_with("{\"time\":\"22/Nov/2026:00:29:32 +0000\",\"remote_addr\":\"127.0.0.1\""));
+        assert!(
+            s.starts_with("{\"time\":\"22/Nov/2026:00:29:32 +0000\",\"remote_addr\":\"127.0.0.1\"")
+        );
         assert!(s.contains("\"upstreams\":[{\"addr\":\"10.0.0.1:80\",\"status\":0,"));
         assert!(s.ends_with("\"request_time\":0.015}\n"));
     }

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -15,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::metrics::peer_state;
-use crate::peer::now_ms;
+use crate::peer::{FailReason, now_ms};
 use crate::proxy::Shared;
 
 /// Serve the admin endpoints on `listener` forever.
@@ -71,6 +72,16 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// The active health check's verdict on a peer: `"unchecked"` when the upstream
+/// has no `[upstream.health_check]`, else `"passing"` or `"failing"`.
+fn health_check(checked: bool, healthy: bool) -> &'static str {
+    match (checked, healthy) {
+        (false, _) => "unchecked",
+        (true, true) => "passing",
+        (true, false) => "failing",
+    }
+}
+
 /// The `/status` document.
 pub fn status_json(shared: &Shared) -> String {
     let rt = shared.runtime.load();
@@ -79,27 +90,34 @@ pub fn status_json(shared: &Shared) -> String {
         .upstreams
         .iter()
         .map(|u| {
+            let checked = u.cfg.health_check.is_some();
             let peers: Vec<serde_json::Value> = u
                 .peers()
                 .map(|p| {
+                    let fails_total: u64 = FailReason::ALL.iter().map(|r| p.stats.fails(*r)).sum();
                     serde_json::json!({
                         "addr": p.addr_str,
                         "name": p.params.name,
                         "backup": p.params.backup,
                         "state": peer_state(p, now),
+                        "up": p.is_usable(now),
                         "weight": p.params.weight,
                         "in_flight": p.in_flight(),
                         "fails": p.fails(),
+                        "fails_total": fails_total,
                         "requests": p.requests(),
                         "healthy": p.is_healthy(),
+                        "health_check": health_check(checked, p.is_healthy()),
                         "latency_ewma_ms": p.latency.estimate(now) / 1000.0,
-                        "connects": p.stats.connects.load(std::sync::atomic::Ordering::Relaxed),
+                        "connects": p.stats.connects.load(Relaxed),
                     })
                 })
                 .collect();
             serde_json::json!({
                 "name": u.cfg.name,
                 "strategy": format!("{:?}", u.cfg.strategy),
+                "retries": u.stats.retries.load(Relaxed),
+                "no_peer": u.stats.no_peer.load(Relaxed),
                 "peers": peers,
             })
         })
@@ -113,6 +131,7 @@ pub fn status_json(shared: &Shared) -> String {
             "writing": t.writing,
             "waiting": t.waiting,
             "accepted": t.accepted,
+            "handled": t.handled,
             "requests": t.requests,
         },
         "upstreams": upstreams,
