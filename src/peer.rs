@@ -80,6 +80,10 @@ pub struct Peer {
     pub stats: PeerStats,
     /// Idle pooled connections to this peer, across all workers.
     pub idle_conns: AtomicU32,
+    /// When a slow-start ramp began (ms, [`now_ms`]); 0 = not ramping.
+    ramp_start: AtomicU64,
+    /// Picks offered while ramping (spreads admissions evenly).
+    ramp_offers: AtomicU64,
 }
 
 /// Why an attempt to a peer failed (the `reason` label of `ferry_upstream_fails_total`).
@@ -192,6 +196,8 @@ impl Peer {
             latency: Ewma::new(),
             stats: PeerStats::default(),
             idle_conns: AtomicU32::new(0),
+            ramp_start: AtomicU64::new(0),
+            ramp_offers: AtomicU64::new(0),
         }
     }
 
@@ -239,9 +245,11 @@ impl Peer {
         self.admin_down.load(Relaxed)
     }
 
-    /// Mark down / up (runtime API).
+    /// Mark down / up (runtime API). Coming back up starts the slow-start ramp.
     pub fn set_down(&self, down: bool) {
-        self.admin_down.store(down, Relaxed);
+        if self.admin_down.swap(down, Relaxed) && !down {
+            self.start_ramp();
+        }
     }
 
     /// True while draining.
@@ -249,9 +257,11 @@ impl Peer {
         self.draining.load(Relaxed)
     }
 
-    /// Start / stop draining.
+    /// Start / stop draining. Stopping starts the slow-start ramp.
     pub fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Relaxed);
+        if self.draining.swap(draining, Relaxed) && !draining {
+            self.start_ramp();
+        }
     }
 
     /// Active health verdict.
@@ -259,9 +269,52 @@ impl Peer {
         self.healthy.load(Relaxed)
     }
 
-    /// Set the active health verdict; returns the previous one.
+    /// Set the active health verdict; returns the previous one. Becoming healthy
+    /// starts the slow-start ramp.
     pub fn set_healthy(&self, healthy: bool) -> bool {
-        self.healthy.swap(healthy, Relaxed)
+        let was = self.healthy.swap(healthy, Relaxed);
+        if healthy && !was {
+            self.start_ramp();
+        }
+        was
+    }
+
+    /// Begin ramping up from a small share of traffic (when `slow_start` is set).
+    pub fn start_ramp(&self) {
+        if !self.params.slow_start.is_zero() {
+            self.ramp_start.store(now_ms().max(1), Relaxed);
+        }
+    }
+
+    /// The share of its normal traffic a ramping peer should get now (a small
+    /// floor up to 1), or `None` when it is not ramping.
+    pub fn ramp_share(&self, now: u64) -> Option<f64> {
+        let start = self.ramp_start.load(Relaxed);
+        if start == 0 {
+            return None;
+        }
+        let total = self.params.slow_start.as_millis() as u64;
+        let elapsed = now.saturating_sub(start);
+        if elapsed >= total {
+            self.ramp_start.store(0, Relaxed);
+            return None;
+        }
+        Some((elapsed as f64 / total as f64).max(0.02))
+    }
+
+    /// Whether a ramping peer takes this pick. Admissions follow a low-discrepancy
+    /// sequence, so a share of 0.25 admits exactly every fourth offer on average,
+    /// evenly spaced, with no randomness in tests. Not ramping: always true.
+    pub fn admit_while_ramping(&self, now: u64) -> bool {
+        match self.ramp_share(now) {
+            None => true,
+            Some(share) => {
+                let n = self.ramp_offers.fetch_add(1, Relaxed);
+                // Fractional part of n * golden ratio, uniform over [0, 1).
+                let x = (n as f64 * 0.618_033_988_749_895).fract();
+                x < share
+            }
+        }
     }
 
     /// Passive health: failed `max_fails` times and still inside `fail_timeout`.
@@ -316,10 +369,13 @@ impl Peer {
     /// Count a success: a peer that was being probed (accessed < checked) is
     /// forgiven its failures.
     pub fn record_success(&self) {
-        if self.fails.load(Relaxed) > 0
-            && self.accessed.load(Relaxed) < self.checked.load(Relaxed)
-        {
+        let fails = self.fails.load(Relaxed);
+        if fails > 0 && self.accessed.load(Relaxed) < self.checked.load(Relaxed) {
             self.fails.store(0, Relaxed);
+            if fails >= self.params.max_fails {
+                // It was out of rotation and its probe succeeded.
+                self.start_ramp();
+            }
         }
     }
 
@@ -464,6 +520,34 @@ mod tests {
         p.record_success();
         assert_eq!(p.fails(), 0);
         assert!(p.is_usable(now_ms()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_the_share_up_linearly() {
+        let mut ps = params(1, 1);
+        ps.slow_start = Duration::from_secs(10);
+        let p = Peer::new("127.0.0.1:1".parse().unwrap(), ps);
+        assert_eq!(p.ramp_share(now_ms()), None);
+        p.set_healthy(false);
+        p.set_healthy(true);
+        let admitted = |p: &Peer| (0..1000).filter(|_| p.admit_while_ramping(now_ms())).count();
+        let early = admitted(&p);
+        assert!((15..=25).contains(&early), "{early}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let half = admitted(&p);
+        assert!((480..=520).contains(&half), "{half}");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(admitted(&p), 1000);
+        assert_eq!(p.ramp_share(now_ms()), None);
+    }
+
+    #[test]
+    fn without_slow_start_nothing_ramps() {
+        let p = Peer::new("127.0.0.1:1".parse().unwrap(), params(1, 1));
+        p.set_down(true);
+        p.set_down(false);
+        assert_eq!(p.ramp_share(now_ms()), None);
+        assert!(p.admit_while_ramping(now_ms()));
     }
 
     #[test]
