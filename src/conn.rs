@@ -4,10 +4,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 use crate::metrics::WorkerCounters;
 use crate::peer::now_ms;
@@ -32,6 +34,8 @@ pub struct ConnState {
     active: AtomicU8,
     /// At least one request was received.
     served: std::sync::atomic::AtomicBool,
+    /// ferry answered before reading the whole request body: linger at close.
+    linger: AtomicBool,
     counters: &'static WorkerCounters,
 }
 
@@ -44,6 +48,7 @@ impl ConnState {
             since: AtomicU64::new(now_ms()),
             active: AtomicU8::new(0),
             served: std::sync::atomic::AtomicBool::new(false),
+            linger: AtomicBool::new(false),
             counters,
         }
     }
@@ -99,6 +104,12 @@ impl ConnState {
         }
     }
 
+    /// ferry answers (and closes) without reading the whole request body: the
+    /// close will linger so the client can finish sending and read the answer.
+    pub fn linger_on_close(&self) {
+        self.linger.store(true, Relaxed);
+    }
+
     /// Whether any request arrived on this connection.
     pub fn served_any(&self) -> bool {
         self.served.load(Relaxed)
@@ -116,17 +127,29 @@ impl Drop for ConnState {
     }
 }
 
+/// Longest a close lingers (nginx's `lingering_time`, shortened).
+const LINGER: Duration = Duration::from_secs(5);
+
 /// The client socket, noting when request bytes arrive.
 #[derive(Debug)]
 pub struct ClientIo<T> {
     inner: T,
     state: Arc<ConnState>,
+    /// The write side is shut (FIN sent).
+    shut: bool,
+    /// Deadline of a lingering close in progress.
+    linger: Option<Pin<Box<Sleep>>>,
 }
 
 impl<T> ClientIo<T> {
     /// Wrap a socket.
     pub fn new(inner: T, state: Arc<ConnState>) -> ClientIo<T> {
-        ClientIo { inner, state }
+        ClientIo {
+            inner,
+            state,
+            shut: false,
+            linger: None,
+        }
     }
 }
 
@@ -145,7 +168,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -170,7 +193,39 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
 
+    /// Send FIN; then, when ferry answered without reading the whole request body
+    /// (a 413 to an upload), read and discard until the client closes too, for at
+    /// most [`LINGER`] (nginx's lingering close). Closing with unread bytes
+    /// would send an RST, and an RST can destroy the answer before the client
+    /// reads it.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        let this = &mut *self;
+        if !this.shut {
+            ready!(Pin::new(&mut this.inner).poll_shutdown(cx))?;
+            this.shut = true;
+        }
+        if !this.state.linger.load(Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        let deadline = this
+            .linger
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(LINGER)));
+        let mut scratch = [0u8; 16 * 1024];
+        for _ in 0..64 {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {}
+                // The client is gone; nothing more to protect.
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        // A fast sender: let the worker's other connections run, then go on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }

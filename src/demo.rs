@@ -222,7 +222,9 @@ impl Backend {
                         let busy = BusyGuard::start(Arc::clone(&act));
                         async move {
                             let r = me.answer(req, &on_conn).await;
-                            Ok::<_, Infallible>(r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()))
+                            Ok::<_, Infallible>(
+                                r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()),
+                            )
                         }
                     });
                     let conn = http1::Builder::new()
@@ -235,7 +237,9 @@ impl Backend {
                     tokio::pin!(conn);
                     let idle_close = Duration::from_millis(idle_close);
                     loop {
-                        let wait = activity.idle_for().map_or(idle_close, |idle| idle_close.saturating_sub(idle));
+                        let wait = activity
+                            .idle_for()
+                            .map_or(idle_close, |idle| idle_close.saturating_sub(idle));
                         if wait.is_zero() {
                             // Drop the connection: the socket closes with no notice.
                             return;
@@ -349,7 +353,7 @@ impl Backend {
             }
         }
         let close_every = self.knobs.close_every.load(Relaxed);
-        if close_every > 0 && here % close_every == 0 {
+        if close_every > 0 && here.is_multiple_of(close_every) {
             r.headers_mut()
                 .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }

@@ -422,18 +422,18 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Re
     };
     let (mut parts, kind) = resp.into_parts();
     done.status = parts.status.as_u16();
-    if let Kind::Full(_) = kind {
-        if parts.status.is_server_error() || parts.status.is_client_error() {
-            // ferry's own error page: do not keep a connection whose request body
-            // may be unread.
-            parts
-                .headers
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            if had_body {
-                // Let the client finish sending before the close, or it may see
-                // a reset instead of this answer.
-                ctx.state.linger_on_close();
-            }
+    if let Kind::Full(_) = kind
+        && (parts.status.is_server_error() || parts.status.is_client_error())
+    {
+        // ferry's own error page: do not keep a connection whose request body
+        // may be unread.
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        if had_body {
+            // Let the client finish sending before the close, or it may see
+            // a reset instead of this answer.
+            ctx.state.linger_on_close();
         }
     }
     Ok(Response::from_parts(
@@ -812,7 +812,7 @@ async fn attempt(
                     }
                 }
                 let err = e.into_error();
-                if std::error::Error::source(&err).is_some_and(|s| is_body_too_large(s)) {
+                if std::error::Error::source(&err).is_some_and(is_body_too_large) {
                     return Err(AttemptError::TooLarge);
                 }
                 if err.is_user() {
@@ -861,25 +861,25 @@ fn respond(
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     done: &mut Done,
 ) -> Response<Kind> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_up) = client_upgrade {
-            let upstream_up = hyper::upgrade::on(&mut resp);
-            let name = up.cfg.name.clone();
-            tokio::spawn(async move {
-                let _guard = guard;
-                match tokio::try_join!(client_up, upstream_up) {
-                    Ok((c, u)) => {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                            tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
-                        }
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_up) = client_upgrade
+    {
+        let upstream_up = hyper::upgrade::on(&mut resp);
+        let name = up.cfg.name.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            match tokio::try_join!(client_up, upstream_up) {
+                Ok((c, u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
                     }
-                    Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
                 }
-            });
-            let (parts, _) = resp.into_parts();
-            return Response::from_parts(parts, Kind::Full(None));
-        }
+                Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
+            }
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, Kind::Full(None));
     }
     let _ = ctx;
     let (mut parts, body) = resp.into_parts();

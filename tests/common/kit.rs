@@ -144,22 +144,15 @@ impl RawConn {
         if head_request || r.status < 200 || r.status == 204 || r.status == 304 {
             return r;
         }
-        if r
-            .header("transfer-encoding")
+        if r.header("transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"))
         {
             loop {
-                let size = self.take_line();
-                let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
-                    .unwrap_or_else(|_| panic!("bad chunk size line {size:?}"));
-                if n == 0 {
-                    // Trailers, then the blank line.
-                    while !self.take_line().is_empty() {}
+                let chunk = self.read_chunk();
+                if chunk.is_empty() {
                     break;
                 }
-                let data = self.take(n);
-                r.body.extend_from_slice(&data);
-                assert_eq!(self.take_line(), "", "chunk not followed by CRLF");
+                r.body.extend_from_slice(&chunk);
             }
         } else if let Some(n) = r.header("content-length") {
             let n: usize = n.parse().expect("content-length");
@@ -169,6 +162,20 @@ impl RawConn {
             let _ = self.s.read_to_end(&mut r.body);
         }
         r
+    }
+
+    /// Read one chunk of a chunked body; empty for the last chunk.
+    pub fn read_chunk(&mut self) -> Vec<u8> {
+        let size = self.take_line();
+        let n = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size line {size:?}"));
+        if n == 0 {
+            while !self.take_line().is_empty() {}
+            return Vec::new();
+        }
+        let data = self.take(n);
+        assert_eq!(self.take_line(), "", "chunk not followed by CRLF");
+        data
     }
 
     /// Read exactly `n` more bytes (e.g. after an upgrade).
@@ -203,7 +210,9 @@ impl RawConn {
                 Err(_) => break Some(start.elapsed()),
             }
         };
-        self.s.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+        self.s
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
         result
     }
 }
@@ -212,7 +221,11 @@ impl RawConn {
 /// `[server]`, `log` lines in `[log]` (access off when empty), then `rest`
 /// (upstreams and routes).
 pub fn ferry_config(server_extra: &str, log: &str, rest: &str) -> String {
-    let log = if log.is_empty() { "access = \"off\"" } else { log };
+    let log = if log.is_empty() {
+        "access = \"off\""
+    } else {
+        log
+    };
     format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n{server_extra}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\n{log}\n\n{rest}\n"

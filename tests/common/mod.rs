@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use ferry::demo::Backend;
 
 mod kit;
+// Not every test file uses the kit.
+#[allow(unused_imports)]
 pub use kit::*;
 
 /// Generous deadline for anything that waits on I/O.
@@ -121,8 +123,17 @@ impl Ferry {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let addr = addr.unwrap_or_else(|| panic!("ferry did not start: {:?}", logs.lock().unwrap()));
-        Ferry { child, addr, admin, logs, stdout, dir, config: path }
+        let addr =
+            addr.unwrap_or_else(|| panic!("ferry did not start: {:?}", logs.lock().unwrap()));
+        Ferry {
+            child,
+            addr,
+            admin,
+            logs,
+            stdout,
+            dir,
+            config: path,
+        }
     }
 
     /// `http://addr/path`.
@@ -198,7 +209,8 @@ impl Ferry {
 
     /// Resident set size of the process, in KiB (VmRSS), and its peak (VmHWM).
     pub fn rss_kib(&self) -> (u64, u64) {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
         let field = |k: &str| {
             s.lines()
                 .find(|l| l.starts_with(k))
@@ -247,7 +259,10 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = String::new();
         let mut rest = body;
         while let Some((len, after)) = rest.split_once("\r\n") {
@@ -256,7 +271,7 @@ pub fn parse_response(raw: &[u8]) -> (u16, String) {
                 break;
             }
             out.push_str(&after[..n]);
-            rest = &after[n..].trim_start_matches("\r\n");
+            rest = after[n..].trim_start_matches("\r\n");
         }
         out
     } else {
@@ -327,21 +342,40 @@ pub struct WrkReport {
 /// Run `wrk -t1 -c<conns> -d<secs>s <url>` and parse its report.
 pub fn wrk(url: &str, conns: u32, secs: u32) -> WrkReport {
     let out = Command::new("wrk")
-        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s"), "--timeout", "10s", url])
+        .args([
+            "-t1",
+            &format!("-c{conns}"),
+            &format!("-d{secs}s"),
+            "--timeout",
+            "10s",
+            url,
+        ])
         .output()
         .expect("wrk installed (apt-get install -y wrk)");
-    let output = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let output =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "wrk failed: {output}");
-    let mut r = WrkReport { output: output.clone(), ..WrkReport::default() };
+    let mut r = WrkReport {
+        output: output.clone(),
+        ..WrkReport::default()
+    };
     for line in output.lines().map(str::trim) {
         if line.contains(" requests in ") {
-            r.requests = line.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            r.requests = line
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
         } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
             r.non_2xx = rest.trim().parse().unwrap_or(0);
         } else if let Some(rest) = line.strip_prefix("Socket errors:") {
             r.socket_errors = rest
                 .split(',')
-                .filter_map(|kv| kv.split_whitespace().last().and_then(|n| n.parse::<u64>().ok()))
+                .filter_map(|kv| {
+                    kv.split_whitespace()
+                        .last()
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
                 .sum();
         }
     }
