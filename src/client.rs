@@ -30,6 +30,8 @@ pub struct Conn {
     pub tx: SendRequest<ReqBody>,
     /// True when it was opened for this request (not reused).
     pub fresh: bool,
+    /// How long it sat idle in the pool before this use.
+    pub idle: Duration,
 }
 
 struct Idle {
@@ -84,6 +86,7 @@ pub fn checkout(peer: &Peer) -> Option<Conn> {
             return Some(Conn {
                 tx: idle.tx,
                 fresh: false,
+                idle: now.duration_since(idle.since),
             });
         }
         None
@@ -166,5 +169,9 @@ pub async fn connect(peer: &Peer, timeout: Duration) -> Result<Conn, ConnectErro
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(Conn { tx, fresh: true })
+    Ok(Conn {
+        tx,
+        fresh: true,
+        idle: Duration::ZERO,
+    })
 }

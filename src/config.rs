@@ -207,6 +207,12 @@ pub struct UpstreamConfig {
     pub next_upstream_tries: u32,
     /// Time limit for all attempts; zero = none.
     pub next_upstream_timeout: Duration,
+    /// Request bodies up to this size are kept so a retry can resend them.
+    pub retry_buffer: u64,
+    /// Requests that may wait for a peer under `max_conns`; 0 = none wait (503 at once).
+    pub queue: usize,
+    /// Longest wait in that queue.
+    pub queue_timeout: Duration,
     /// Servers, in file order.
     pub servers: Vec<ServerEntry>,
     /// Active checks.
@@ -361,6 +367,9 @@ struct RawUpstream {
     next_upstream: Option<Spanned<Vec<Spanned<String>>>>,
     next_upstream_tries: Option<u32>,
     next_upstream_timeout: Option<Dur>,
+    retry_buffer: Option<Size>,
+    queue: Option<usize>,
+    queue_timeout: Option<Dur>,
     #[serde(default)]
     server: Vec<Spanned<RawServerEntry>>,
     health_check: Option<RawHealthCheck>,
@@ -1550,6 +1559,9 @@ impl Ctx<'_> {
             next_upstream,
             next_upstream_tries: u.next_upstream_tries.unwrap_or(0),
             next_upstream_timeout: u.next_upstream_timeout.map_or(Duration::ZERO, |d| d.0),
+            retry_buffer: u.retry_buffer.map_or(64 * 1024, |s| s.0),
+            queue: u.queue.unwrap_or(0),
+            queue_timeout: u.queue_timeout.map_or(Duration::from_secs(60), |d| d.0),
             servers,
             health_check,
         })

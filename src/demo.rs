@@ -25,7 +25,9 @@ pub struct Knobs {
     pub status: AtomicU16,
     /// Close the connection after this many requests on it (0 = never).
     pub close_every: AtomicU64,
-    /// Accept connections but never answer (1 = hang).
+    /// Accept connections and read requests but never answer them while it is
+    /// 1, on new and already-open (keep-alive) connections alike. A request
+    /// that arrived while hanging is answered only once this is back to 0.
     pub hang: AtomicU16,
     /// Close each connection this many milliseconds after its last response
     /// ended, without announcing it (`Connection: close` is not sent), like an
@@ -54,6 +56,27 @@ pub struct Backend {
     pub open: Arc<AtomicU64>,
     /// Request body bytes received.
     pub received: Arc<AtomicU64>,
+    /// Requests that arrived while `knobs.hang` was on (not counted in `served`).
+    pub hung: Arc<AtomicU64>,
+    /// The listener's life: [`Backend::kill`] and [`Backend::restart`].
+    life: Arc<Life>,
+}
+
+/// What [`Backend::kill`] acts on.
+#[derive(Debug)]
+struct Life {
+    /// Bumped by a kill: the accept loop and every connection of an older
+    /// generation end at once.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// The accept loop (it owns the listener), while the backend runs.
+    accept: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Resolves once `rx` moves past generation `generation` (never if it cannot).
+async fn killed(mut rx: tokio::sync::watch::Receiver<u64>, generation: u64) {
+    if rx.wait_for(|g| *g != generation).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Decrements the open-connection gauge when a connection task ends.
@@ -193,66 +216,139 @@ impl Backend {
             connections: Arc::new(AtomicU64::new(0)),
             open: Arc::new(AtomicU64::new(0)),
             received: Arc::new(AtomicU64::new(0)),
+            hung: Arc::new(AtomicU64::new(0)),
+            life: Arc::new(Life {
+                generation: tokio::sync::watch::Sender::new(0),
+                accept: std::sync::Mutex::new(None),
+            }),
         };
-        let me = b.clone();
-        tokio::spawn(async move {
+        b.spawn_accept(listener);
+        Ok(b)
+    }
+
+    /// Kill the backend as a crashed process dies: the listener is dropped (new
+    /// connects are refused) and every open connection is closed at once, with
+    /// requests in progress unanswered. Returns once the listener is gone and
+    /// every connection closed (or after 10 s). Counters and knobs are kept.
+    pub async fn kill(&self) {
+        self.life.generation.send_modify(|g| *g += 1);
+        let accept = self
+            .life
+            .accept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = accept {
+            let _ = task.await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.open.load(Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Start again on the same address (killing the running instance first, if
+    /// any), as a restarted process does. Binding is retried for up to 10 s
+    /// while the port is still taken.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        self.kill().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.spawn_accept(listener);
+        Ok(())
+    }
+
+    /// True while the backend listens (not killed).
+    pub fn is_running(&self) -> bool {
+        self.life
+            .accept
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Run the accept loop on `listener` until the next kill.
+    fn spawn_accept(&self, listener: TcpListener) {
+        let me = self.clone();
+        let generation = *self.life.generation.borrow();
+        let task = tokio::spawn(async move {
+            let stop = killed(me.life.generation.subscribe(), generation);
+            tokio::pin!(stop);
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = &mut stop => return,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 me.connections.fetch_add(1, Relaxed);
                 me.open.fetch_add(1, Relaxed);
                 let _ = stream.set_nodelay(true);
+                let stop = killed(me.life.generation.subscribe(), generation);
                 let me = me.clone();
                 tokio::spawn(async move {
                     let _open = OpenGuard(Arc::clone(&me.open));
-                    if me.knobs.hang.load(Relaxed) == 1 {
-                        // Hold the socket open, never read or answer.
-                        tokio::time::sleep(Duration::from_secs(3600)).await;
-                        drop(stream);
-                        return;
-                    }
-                    let idle_close = me.knobs.idle_close_ms.load(Relaxed);
-                    let on_conn = Arc::new(AtomicU64::new(0));
-                    let activity = Arc::new(Activity::default());
-                    let act = Arc::clone(&activity);
-                    let svc = service_fn(move |req| {
-                        let me = me.clone();
-                        let on_conn = Arc::clone(&on_conn);
-                        let busy = BusyGuard::start(Arc::clone(&act));
-                        async move {
-                            let r = me.answer(req, &on_conn).await;
-                            Ok::<_, Infallible>(
-                                r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()),
-                            )
-                        }
-                    });
-                    let conn = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades();
-                    if idle_close == 0 {
-                        let _ = conn.await;
-                        return;
-                    }
-                    tokio::pin!(conn);
-                    let idle_close = Duration::from_millis(idle_close);
-                    loop {
-                        let wait = activity
-                            .idle_for()
-                            .map_or(idle_close, |idle| idle_close.saturating_sub(idle));
-                        if wait.is_zero() {
-                            // Drop the connection: the socket closes with no notice.
-                            return;
-                        }
-                        tokio::select! {
-                            _ = conn.as_mut() => return,
-                            _ = tokio::time::sleep(wait) => {}
-                        }
+                    tokio::select! {
+                        _ = me.serve(stream) => {}
+                        // Dropping the connection closes the socket.
+                        _ = stop => {}
                     }
                 });
             }
         });
-        Ok(b)
+        *self.life.accept.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    /// Serve one accepted connection until it ends.
+    async fn serve(&self, stream: tokio::net::TcpStream) {
+        let me = self.clone();
+        let idle_close = me.knobs.idle_close_ms.load(Relaxed);
+        let on_conn = Arc::new(AtomicU64::new(0));
+        let activity = Arc::new(Activity::default());
+        let act = Arc::clone(&activity);
+        let svc = service_fn(move |req| {
+            let me = me.clone();
+            let on_conn = Arc::clone(&on_conn);
+            let busy = BusyGuard::start(Arc::clone(&act));
+            async move {
+                let r = me.answer(req, &on_conn).await;
+                Ok::<_, Infallible>(r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()))
+            }
+        });
+        let conn = http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), svc)
+            .with_upgrades();
+        if idle_close == 0 {
+            let _ = conn.await;
+            return;
+        }
+        tokio::pin!(conn);
+        let idle_close = Duration::from_millis(idle_close);
+        loop {
+            let wait = activity
+                .idle_for()
+                .map_or(idle_close, |idle| idle_close.saturating_sub(idle));
+            if wait.is_zero() {
+                // Drop the connection: the socket closes with no notice.
+                return;
+            }
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Paths: `/echo` answers the request head as text (`name: value` lines);
@@ -261,6 +357,13 @@ impl Backend {
     /// protocol upgrade and echoes bytes; anything else says hello. The request
     /// body is always read and counted.
     async fn answer(&self, mut req: Request<Incoming>, on_conn: &AtomicU64) -> Reply {
+        if self.knobs.hang.load(Relaxed) == 1 {
+            // Hung: the request was read, no answer while the knob stays on.
+            self.hung.fetch_add(1, Relaxed);
+            while self.knobs.hang.load(Relaxed) == 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
         let n = self.served.fetch_add(1, Relaxed) + 1;
         let here = on_conn.fetch_add(1, Relaxed) + 1;
         let latency = self.knobs.latency_ms.load(Relaxed);

@@ -84,6 +84,8 @@ pub struct Peer {
     ramp_start: AtomicU64,
     /// Picks offered while ramping (spreads admissions evenly).
     ramp_offers: AtomicU64,
+    /// Woken when an in-flight slot frees up (requests queued for `max_conns`).
+    release: std::sync::OnceLock<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// Why an attempt to a peer failed (the `reason` label of `ferry_upstream_fails_total`).
@@ -198,6 +200,7 @@ impl Peer {
             idle_conns: AtomicU32::new(0),
             ramp_start: AtomicU64::new(0),
             ramp_offers: AtomicU64::new(0),
+            release: std::sync::OnceLock::new(),
         }
     }
 
@@ -384,6 +387,12 @@ impl Peer {
         self.fails.store(0, Relaxed);
     }
 
+    /// Wake `notify` whenever one of this peer's in-flight slots frees up (used
+    /// when `max_conns` is set, for the queue). Set once; later calls keep the first.
+    pub fn notify_on_release(&self, notify: std::sync::Arc<tokio::sync::Notify>) {
+        let _ = self.release.set(notify);
+    }
+
     /// Take an in-flight slot; dropping the guard gives it back.
     #[inline]
     pub fn start_request(self: &std::sync::Arc<Self>) -> InFlight {
@@ -407,6 +416,11 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Relaxed);
+        if self.0.params.max_conns > 0
+            && let Some(n) = self.0.release.get()
+        {
+            n.notify_waiters();
+        }
     }
 }
 
@@ -446,6 +460,16 @@ impl Tried {
                 self.more.resize(i + 1, 0);
             }
             self.more[i] |= 1 << b;
+        }
+    }
+
+    /// Unmark `idx`.
+    pub fn remove(&mut self, idx: usize) {
+        let (w, b) = (idx / 64, idx % 64);
+        if w < 2 {
+            self.bits[w] &= !(1 << b);
+        } else if let Some(word) = self.more.get_mut(w - 2) {
+            *word &= !(1 << b);
         }
     }
 
@@ -493,6 +517,11 @@ mod tests {
         }
         assert_eq!(t.len(), 6);
         assert!(!t.contains(1) && !t.contains(499));
+        t.remove(64);
+        t.remove(500);
+        t.remove(7);
+        assert!(!t.contains(64) && !t.contains(500) && t.contains(63));
+        assert_eq!(t.len(), 4);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accesslog::{AccessLog, Entry};
 use crate::balance::RequestKey;
-use crate::body::{BoxError, ReqBody, is_body_too_large};
+use crate::body::{BoxError, ReadError, ReqBody, is_body_too_large};
 use crate::client::{self, Conn, ConnectError};
 use crate::conn::ConnState;
 use crate::metrics::Metrics;
@@ -416,8 +416,9 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Re
         Ok(ui) => {
             let up = Arc::clone(&rt.upstreams[ui]);
             done.up = Some(Arc::clone(&up));
+            let body_limit = rt.config.server.client_max_body_size;
             drop(rt);
-            forward(&ctx, &up, req, &mut done).await
+            forward(&ctx, &up, req, body_limit, &mut done).await
         }
     };
     let (mut parts, kind) = resp.into_parts();
@@ -533,12 +534,9 @@ fn upstream_request(
     (Request::from_parts(parts, body), upgrade)
 }
 
-/// A copy of a request without a body, for replaying it to another peer.
+/// A copy of a request whose body is empty or was read whole, for sending it again.
 fn replay_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
-    if !matches!(req.body(), ReqBody::Empty) {
-        return None;
-    }
-    let mut r = Request::new(ReqBody::Empty);
+    let mut r = Request::new(req.body().replayable_copy()?);
     *r.method_mut() = req.method().clone();
     *r.uri_mut() = req.uri().clone();
     *r.version_mut() = req.version();
@@ -566,7 +564,9 @@ fn status_is_failure(s: StatusCode) -> bool {
 }
 
 /// Choose the next peer: primaries first, backups when no primary is usable.
-/// Returns the peer and its position in [`Upstream::peers`] order.
+/// A peer in its slow-start ramp takes only its share of picks; when it declines,
+/// the strategy picks again without it (and it is used anyway if nothing else is
+/// usable). Returns the peer and its position in [`Upstream::peers`] order.
 fn pick(
     up: &Upstream,
     worker: usize,
@@ -575,11 +575,21 @@ fn pick(
 ) -> Option<(Arc<Peer>, usize)> {
     let now = now_ms();
     let b = up.balancers(worker);
-    let (pos, peer) = if let Some(i) = b.primary.pick(&up.primary, key, &tried.0, now) {
+    let choose = |s: &dyn crate::balance::Strategy, peers: &[Arc<Peer>], t: &mut Tried| {
+        let i = s.pick(peers, key, t, now)?;
+        if peers[i].admit_while_ramping(now) {
+            return Some(i);
+        }
+        t.insert(i);
+        let other = s.pick(peers, key, t, now);
+        t.remove(i);
+        Some(other.unwrap_or(i))
+    };
+    let (pos, peer) = if let Some(i) = choose(&*b.primary, &up.primary, &mut tried.0) {
         tried.0.insert(i);
         (i, &up.primary[i])
     } else {
-        let i = b.backup.pick(&up.backup, key, &tried.1, now)?;
+        let i = choose(&*b.backup, &up.backup, &mut tried.1)?;
         tried.1.insert(i);
         (up.primary.len() + i, &up.backup[i])
     };
@@ -591,6 +601,7 @@ async fn forward(
     ctx: &Arc<Ctx>,
     up: &Arc<Upstream>,
     req: Request<Incoming>,
+    body_limit: u64,
     done: &mut Done,
 ) -> Response<Kind> {
     let cfg = &up.cfg;
@@ -609,17 +620,35 @@ async fn forward(
         client_upgrade = Some(hyper::upgrade::on(&mut req));
     }
     let started = Arc::new(AtomicU64::new(0));
-    let limit = ctx
-        .shared
-        .runtime
-        .load()
-        .config
-        .server
-        .client_max_body_size;
-    let (req, upgrade) = upstream_request(ctx, req, limit, &started);
+    let (req, upgrade) = upstream_request(ctx, req, body_limit, &started);
     if !upgrade {
         client_upgrade = None;
     }
+    // Read small bodies of known length whole first, so that a retry can send
+    // them again. A body of unknown length (chunked) streams at once: holding it
+    // back could stall a client that sends a little and waits for an answer.
+    let small = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n <= cfg.retry_buffer);
+    let req = if small && matches!(req.body(), ReqBody::Stream { .. }) {
+        let (parts, body) = req.into_parts();
+        match body.buffer(cfg.retry_buffer as usize).await {
+            Ok(body) => Request::from_parts(parts, body),
+            Err(ReadError::TooLarge) => {
+                done.note = Some("request body larger than client_max_body_size");
+                return full(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large\n");
+            }
+            Err(ReadError::Client(_)) => {
+                done.note = Some("client closed the request body");
+                return full(StatusCode::BAD_REQUEST, "400 Bad Request: request body incomplete\n");
+            }
+        }
+    } else {
+        req
+    };
     let idempotent = is_idempotent(req.method());
     let n_peers = up.primary.len() + up.backup.len();
     let max_tries = match cfg.next_upstream_tries {
@@ -627,24 +656,47 @@ async fn forward(
         n => (n as usize).min(n_peers.max(1)),
     };
     let deadline = (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
+    // A copy to send again, when a retry could happen and the body allows it.
+    let may_pass_on = !cfg.next_upstream.off && max_tries > 1;
+    let template = if may_pass_on { replay_copy(&req) } else { None };
 
     let mut tried = (Tried::new(), Tried::new());
     let mut pending = Some(req);
-    let mut template: Option<Request<ReqBody>> = None;
     let mut attempts = 0usize;
     let mut panicked = false;
     let mut last: Option<Response<Kind>> = None;
 
     loop {
-        let Some((peer, pos)) = pick(up, ctx.worker, &key, &mut tried) else {
-            if attempts == 0 && !panicked && up.peers().any(|p| held_out_by_passive_checks_only(p)) {
-                // Every usable peer is out on passive evidence alone: try them anyway
-                // rather than fail fast (Envoy's panic mode). Active checks and
-                // `down`/draining are respected.
-                panicked = true;
-                reset_all_fails(up);
-                continue;
+        let picked = match pick(up, ctx.worker, &key, &mut tried) {
+            Some(p) => Some(p),
+            None if attempts == 0 => {
+                if !panicked && up.peers().any(|p| held_out_by_passive_checks_only(p)) {
+                    // Every usable peer is out on passive evidence alone: try them
+                    // anyway rather than fail fast (Envoy's panic mode). Active checks
+                    // and `down`/draining are respected.
+                    panicked = true;
+                    reset_all_fails(up);
+                    continue;
+                }
+                if up.peers().any(|p| held_out_by_max_conns_only(p)) {
+                    match wait_in_queue(up, ctx.worker, &key, &mut tried).await {
+                        Ok(p) => Some(p),
+                        Err(why) => {
+                            up.stats.local_503.fetch_add(1, Relaxed);
+                            done.note = Some(why);
+                            return full(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "503 Service Unavailable: every server is at max_conns\n",
+                            );
+                        }
+                    }
+                } else {
+                    None
+                }
             }
+            None => None,
+        };
+        let Some((peer, pos)) = picked else {
             if attempts == 0 {
                 // nginx: no live upstreams; forget failures so the next request tries again.
                 up.stats.no_peer.fetch_add(1, Relaxed);
@@ -657,18 +709,15 @@ async fn forward(
             break;
         };
         attempts += 1;
-        if attempts > 1 {
-            up.stats.retries.fetch_add(1, Relaxed);
-        }
         let Some(mut req) = pending.take().or_else(|| template.as_ref().and_then(replay_copy)) else {
             break;
         };
-        if template.is_none() && attempts < max_tries && cfg.next_upstream.error | cfg.next_upstream.timeout | status_any(up) {
-            template = replay_copy(&req);
+        if attempts > 1 {
+            up.stats.retries.fetch_add(1, Relaxed);
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(&peer, cfg, &mut req, &started).await;
+        let result = attempt(&peer, cfg, &mut req, template.as_ref(), idempotent, &started).await;
         let took = t0.elapsed();
         let now = now_ms();
         match result {
@@ -695,15 +744,12 @@ async fn forward(
                     && (idempotent || cfg.next_upstream.non_idempotent)
                     && template.is_some();
                 if can_retry {
-                    tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing request to the next peer");
+                    tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
                 }
-                return respond(ctx, up, peer, guard, resp, tx, client_upgrade, done);
+                return respond(up, peer, guard, resp, tx, client_upgrade, done);
             }
             Err(e) => {
-                if let Some(l) = done.log.as_mut() {
-                    l.upstreams.push((peer.addr_str.clone(), 0, took));
-                }
                 if let AttemptError::TooLarge = e {
                     done.note = Some("request body larger than client_max_body_size");
                     return full(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large\n");
@@ -713,17 +759,19 @@ async fn forward(
                     return full(StatusCode::BAD_REQUEST, "400 Bad Request: request body incomplete\n");
                 }
                 let reason = e.reason();
-                peer.stats.count_fail(reason);
-                if e.counts_against_peer() && peer.record_failure(now) {
-                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
-                }
                 let is_timeout = reason == FailReason::Timeout;
                 let (status, text, note) = if is_timeout {
                     (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n", "upstream timed out")
                 } else {
                     (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n", "upstream error")
                 };
-                tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
+                if let Some(l) = done.log.as_mut() {
+                    l.upstreams.push((peer.addr_str.clone(), status.as_u16(), took));
+                }
+                peer.stats.count_fail(reason);
+                if e.counts_against_peer() && peer.record_failure(now) {
+                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
+                }
                 done.note = Some(note);
                 last = Some(full(status, text));
                 let listed = if is_timeout { cfg.next_upstream.timeout } else { cfg.next_upstream.error };
@@ -736,8 +784,10 @@ async fn forward(
                     && (!sent || idempotent || cfg.next_upstream.non_idempotent)
                     && (replayable || (!sent && started.load(Relaxed) == 0));
                 if !may_retry {
+                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
                     break;
                 }
+                tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed; passing the request to the next peer");
                 if pending.is_none() && !sent {
                     // The request never left: it is still ours to send elsewhere.
                     pending = Some(req);
@@ -753,6 +803,38 @@ async fn forward(
     resp
 }
 
+/// Wait (up to `queue_timeout`, with at most `queue` others) for a slot on a
+/// peer under `max_conns`. `Err` says why the wait ended without one.
+async fn wait_in_queue(
+    up: &Upstream,
+    worker: usize,
+    key: &RequestKey<'_>,
+    tried: &mut (Tried, Tried),
+) -> Result<(Arc<Peer>, usize), &'static str> {
+    let cfg = &up.cfg;
+    if cfg.queue == 0 {
+        return Err("every server is at max_conns (no queue)");
+    }
+    if up.stats.queued.fetch_add(1, Relaxed) >= cfg.queue as u64 {
+        up.stats.queued.fetch_sub(1, Relaxed);
+        return Err("the max_conns queue is full");
+    }
+    let deadline = Instant::now() + cfg.queue_timeout;
+    let got = loop {
+        let freed = up.stats.slot_freed.notified();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if let Some(p) = pick(up, worker, key, tried) {
+            break Ok(p);
+        }
+        if tokio::time::timeout_at(deadline, freed).await.is_err() {
+            break Err("timed out in the max_conns queue");
+        }
+    };
+    up.stats.queued.fetch_sub(1, Relaxed);
+    got
+}
+
 /// A peer that only passive failure accounting keeps out of rotation.
 fn held_out_by_passive_checks_only(p: &Peer) -> bool {
     !p.is_down()
@@ -762,18 +844,54 @@ fn held_out_by_passive_checks_only(p: &Peer) -> bool {
         && p.is_failed(now_ms())
 }
 
-fn status_any(up: &Upstream) -> bool {
-    let n = &up.cfg.next_upstream;
-    n.http_500 | n.http_502 | n.http_503 | n.http_504 | n.http_403 | n.http_404 | n.http_429
+/// A peer that only its `max_conns` limit keeps out right now.
+fn held_out_by_max_conns_only(p: &Peer) -> bool {
+    p.params.max_conns > 0
+        && p.in_flight() >= p.params.max_conns
+        && !p.is_down()
+        && !p.is_draining()
+        && p.is_healthy()
+        && !p.is_failed(now_ms())
+}
+
+/// A reused connection that sat idle this long and then failed before any
+/// response byte was most likely closed by the peer for idleness just as the
+/// request went out: the peer never read the request, so even a POST (whose body
+/// ferry kept) is sent again, once, on a new connection.
+const IDLE_CLOSE_SUSPECT: Duration = Duration::from_millis(250);
+
+/// The peer closed the connection before sending any byte of a response.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::UnexpectedEof
+            );
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// One attempt on one peer: a pooled connection (or a new one), the request, the
 /// response head. A pooled connection that turns out closed before the request
-/// left is replaced by a fresh one transparently.
+/// left is replaced by a fresh one transparently; so is one the peer closed just
+/// as the request was written, when the request can be sent again (see
+/// [`IDLE_CLOSE_SUSPECT`]).
 async fn attempt(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
+    template: Option<&Request<ReqBody>>,
+    idempotent: bool,
     started: &Arc<AtomicU64>,
 ) -> Result<
     (
@@ -783,6 +901,7 @@ async fn attempt(
     AttemptError,
 > {
     let mut pooled = client::checkout(peer);
+    let mut resent = false;
     loop {
         let mut conn: Conn = match pooled.take() {
             Some(c) => c,
@@ -796,8 +915,17 @@ async fn attempt(
                     "connection closed before the request was sent",
                 ))));
             }
+            pooled = client::checkout(peer);
             continue;
         }
+        // Long-idle pooled connections are the ones a peer may be closing right
+        // now: keep a copy to resend if no other copy is kept.
+        let own_copy = (template.is_none()
+            && !conn.fresh
+            && !resent
+            && conn.idle >= IDLE_CLOSE_SUSPECT)
+            .then(|| replay_copy(req))
+            .flatten();
         let out = std::mem::replace(req, Request::new(ReqBody::Empty));
         let fut = conn.tx.try_send_request(out);
         match with_read_timeout(fut, cfg.read_timeout, started).await {
@@ -808,6 +936,7 @@ async fn attempt(
                     *req = back;
                     if !conn.fresh {
                         // A reused connection the peer closed: nothing was written.
+                        pooled = client::checkout(peer);
                         continue;
                     }
                 }
@@ -817,6 +946,17 @@ async fn attempt(
                 }
                 if err.is_user() {
                     return Err(AttemptError::ClientBody);
+                }
+                if !conn.fresh
+                    && !resent
+                    && closed_before_response(&err)
+                    && (idempotent || conn.idle >= IDLE_CLOSE_SUSPECT)
+                    && let Some(again) = template.or(own_copy.as_ref()).and_then(replay_copy)
+                {
+                    tracing::debug!(peer = %peer.addr_str, error = %err, "pooled connection closed under the request; sending it again on a new connection");
+                    *req = again;
+                    resent = true;
+                    continue;
                 }
                 return Err(AttemptError::Io(err));
             }
@@ -852,7 +992,6 @@ async fn with_read_timeout<F: std::future::Future>(
 
 #[allow(clippy::too_many_arguments)]
 fn respond(
-    ctx: &Arc<Ctx>,
     up: &Arc<Upstream>,
     peer: Arc<Peer>,
     guard: InFlight,
@@ -881,10 +1020,8 @@ fn respond(
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, Kind::Full(None));
     }
-    let _ = ctx;
     let (mut parts, body) = resp.into_parts();
-    let upgrade = strip_hop_by_hop(&mut parts.headers);
-    let _ = upgrade;
+    strip_hop_by_hop(&mut parts.headers);
     done.conn = Some((peer, tx));
     done._guard = Some(guard);
     Response::from_parts(

@@ -24,6 +24,12 @@ pub struct UpstreamStats {
     pub local_502: AtomicU64,
     /// See `local_502`.
     pub local_504: AtomicU64,
+    /// Answered 503 because the `max_conns` queue was full or the wait timed out.
+    pub local_503: AtomicU64,
+    /// Requests waiting for a peer under `max_conns`.
+    pub queued: AtomicU64,
+    /// Woken when a slot on a `max_conns` peer frees up.
+    pub slot_freed: Arc<tokio::sync::Notify>,
 }
 
 /// The balancers one worker uses for one upstream.
@@ -240,10 +246,17 @@ impl Runtime {
                     .hash_key
                     .as_deref()
                     .and_then(|k| KeyTemplate::parse(k).ok());
-                let stats = old_stats
+                let stats: Arc<UpstreamStats> = old_stats
                     .get(u.name.as_str())
                     .map(|s| Arc::clone(s))
                     .unwrap_or_default();
+                for p in primary.iter().chain(backup.iter()) {
+                    p.notify_on_release(Arc::clone(&stats.slot_freed));
+                    if previous.is_some() && !old_peers.contains_key(&(u.name.as_str(), p.addr)) {
+                        // A peer that joins a running ferry ramps up (slow_start).
+                        p.start_ramp();
+                    }
+                }
                 let request_hist = metrics
                     .request_duration
                     .with_label_values(&[u.name.as_str()]);

@@ -1050,6 +1050,15 @@ fn access_log_file_is_reopened_on_sigusr1() {
     );
 
     requests(&f, "/after-rotation", 3, 200);
+    // The writer may flush the three lines in more than one batch.
+    let count = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("/after-rotation"))
+            .count()
+    };
+    wait_until(DEADLINE, || count() >= 3);
     let new = wait_file_contains(&log, "/after-rotation");
     assert_eq!(
         new.lines()

@@ -313,6 +313,9 @@ mod tests {
             next_upstream: NextUpstream::default(),
             next_upstream_tries: 0,
             next_upstream_timeout: Duration::ZERO,
+            retry_buffer: 64 * 1024,
+            queue: 0,
+            queue_timeout: Duration::from_secs(60),
             servers: Vec::new(),
             health_check: None,
         }
