@@ -55,6 +55,8 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// Bearer token for mutating calls.
     pub token: Option<String>,
+    /// Record latency histograms on the request path (counters are always kept).
+    pub metrics: bool,
 }
 
 /// Where access log lines go.
@@ -341,6 +343,7 @@ struct RawServer {
 struct RawAdmin {
     listen: Option<Spanned<String>>,
     token: Option<Spanned<String>>,
+    metrics: Option<bool>,
 }
 
 /// `[log]`.
@@ -1386,7 +1389,11 @@ impl Ctx<'_> {
             Some(t) => Some(t.into_inner()),
             None => None,
         };
-        Ok(AdminConfig { listen, token })
+        Ok(AdminConfig {
+            listen,
+            token,
+            metrics: r.metrics.unwrap_or(true),
+        })
     }
 
     /// `[log]`.

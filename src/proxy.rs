@@ -293,7 +293,9 @@ impl Drop for Done {
         }
         let elapsed = self.start.elapsed();
         if let Some(up) = &self.up {
-            up.request_hist.observe(elapsed.as_secs_f64());
+            if let Some(h) = &up.request_hist {
+                h.observe(elapsed.as_secs_f64());
+            }
         }
         if let Some(info) = self.log.take() {
             let info = *info;

@@ -54,10 +54,11 @@ pub struct Upstream {
     pub hash_key: Option<KeyTemplate>,
     /// Counters that survive reloads.
     pub stats: Arc<UpstreamStats>,
-    /// `ferry_http_request_duration_seconds{upstream}`, resolved once.
-    pub request_hist: prometheus::Histogram,
+    /// `ferry_http_request_duration_seconds{upstream}`, resolved once; `None` with
+    /// `[admin] metrics = false`.
+    pub request_hist: Option<prometheus::Histogram>,
     /// `ferry_upstream_header_time_seconds{upstream,peer}` per peer, in
-    /// [`Upstream::peers`] order.
+    /// [`Upstream::peers`] order (empty with `[admin] metrics = false`).
     pub header_hists: Vec<prometheus::Histogram>,
 }
 
@@ -257,12 +258,16 @@ impl Runtime {
                         p.start_ramp();
                     }
                 }
-                let request_hist = metrics
-                    .request_duration
-                    .with_label_values(&[u.name.as_str()]);
+                let observe = config.admin.metrics;
+                let request_hist = observe.then(|| {
+                    metrics
+                        .request_duration
+                        .with_label_values(&[u.name.as_str()])
+                });
                 let header_hists = primary
                     .iter()
                     .chain(backup.iter())
+                    .filter(|_| observe)
                     .map(|p| {
                         metrics
                             .header_time
