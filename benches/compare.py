@@ -36,7 +36,7 @@ http {{ access_log off; keepalive_requests 1000000; keepalive_timeout 300s;
 }}"""
 HAPROXY = """global
   nbthread 1
-  maxconn 20000
+  maxconn 9000
 defaults
   mode http
   timeout connect 5s
