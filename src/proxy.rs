@@ -595,7 +595,7 @@ fn pick(
         tried.1.insert(i);
         (up.primary.len() + i, &up.backup[i])
     };
-    peer.on_pick(now);
+    // The strategy already committed the pick (Peer::on_pick), as nginx's get_peer does.
     Some((Arc::clone(peer), pos))
 }
 
