@@ -48,7 +48,7 @@ pub struct Backend {
     pub name: String,
     /// Knobs.
     pub knobs: Arc<Knobs>,
-    /// Requests served.
+    /// Requests served (health checks are counted in `checks` instead).
     pub served: Arc<AtomicU64>,
     /// Connections accepted.
     pub connections: Arc<AtomicU64>,
@@ -58,6 +58,17 @@ pub struct Backend {
     pub received: Arc<AtomicU64>,
     /// Requests that arrived while `knobs.hang` was on (not counted in `served`).
     pub hung: Arc<AtomicU64>,
+    /// Connections closed by the `idle_close_ms` knob.
+    pub idle_closed: Arc<AtomicU64>,
+    /// Health checks answered: requests with `User-Agent: ferry-health-check`
+    /// (not counted in `served`).
+    pub checks: Arc<AtomicU64>,
+    /// The `Host` header of the last health check.
+    pub check_host: Arc<std::sync::Mutex<String>>,
+    /// Requests in progress now, from the request head to the end of the response.
+    pub in_flight: Arc<AtomicU64>,
+    /// The most requests ever in progress at once (high-water mark of `in_flight`).
+    pub peak_in_flight: Arc<AtomicU64>,
     /// The listener's life: [`Backend::kill`] and [`Backend::restart`].
     life: Arc<Life>,
 }
@@ -152,10 +163,29 @@ impl Drop for BusyGuard {
     }
 }
 
-/// A response body that holds a [`BusyGuard`] until hyper is done with it.
+/// Counts a request in [`Backend::in_flight`] (and its high-water mark) until dropped.
+struct Flight(Arc<AtomicU64>);
+
+impl Flight {
+    fn start(b: &Backend) -> Flight {
+        let now = b.in_flight.fetch_add(1, Relaxed) + 1;
+        b.peak_in_flight.fetch_max(now, Relaxed);
+        Flight(Arc::clone(&b.in_flight))
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A response body that holds a [`BusyGuard`] (and the request's [`Flight`])
+/// until hyper is done with it.
 struct Tracked<B> {
     inner: B,
     _busy: BusyGuard,
+    _flight: Flight,
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Tracked<B> {
@@ -217,6 +247,11 @@ impl Backend {
             open: Arc::new(AtomicU64::new(0)),
             received: Arc::new(AtomicU64::new(0)),
             hung: Arc::new(AtomicU64::new(0)),
+            idle_closed: Arc::new(AtomicU64::new(0)),
+            checks: Arc::new(AtomicU64::new(0)),
+            check_host: Arc::new(std::sync::Mutex::new(String::new())),
+            in_flight: Arc::new(AtomicU64::new(0)),
+            peak_in_flight: Arc::new(AtomicU64::new(0)),
             life: Arc::new(Life {
                 generation: tokio::sync::watch::Sender::new(0),
                 accept: std::sync::Mutex::new(None),
@@ -322,9 +357,17 @@ impl Backend {
             let me = me.clone();
             let on_conn = Arc::clone(&on_conn);
             let busy = BusyGuard::start(Arc::clone(&act));
+            let flight = Flight::start(&me);
             async move {
                 let r = me.answer(req, &on_conn).await;
-                Ok::<_, Infallible>(r.map(|inner| Tracked { inner, _busy: busy }.boxed_unsync()))
+                Ok::<_, Infallible>(r.map(|inner| {
+                    Tracked {
+                        inner,
+                        _busy: busy,
+                        _flight: flight,
+                    }
+                    .boxed_unsync()
+                }))
             }
         });
         let conn = http1::Builder::new()
@@ -342,6 +385,7 @@ impl Backend {
                 .map_or(idle_close, |idle| idle_close.saturating_sub(idle));
             if wait.is_zero() {
                 // Drop the connection: the socket closes with no notice.
+                self.idle_closed.fetch_add(1, Relaxed);
                 return;
             }
             tokio::select! {
@@ -364,7 +408,19 @@ impl Backend {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let n = self.served.fetch_add(1, Relaxed) + 1;
+        let check = req
+            .headers()
+            .get(header::USER_AGENT)
+            .is_some_and(|v| v.as_bytes() == b"ferry-health-check");
+        let n = if check {
+            if let Ok(mut h) = self.check_host.lock() {
+                let host = req.headers().get(header::HOST);
+                *h = host.and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            }
+            self.checks.fetch_add(1, Relaxed) + 1
+        } else {
+            self.served.fetch_add(1, Relaxed) + 1
+        };
         let here = on_conn.fetch_add(1, Relaxed) + 1;
         let latency = self.knobs.latency_ms.load(Relaxed);
         if latency > 0 {

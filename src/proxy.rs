@@ -671,15 +671,14 @@ async fn forward(
     loop {
         let picked = match pick(up, ctx.worker, &key, &mut tried) {
             Some(p) => Some(p),
+            None if !panicked && rescue_passively_failed(up, &tried) => {
+                // Every untried peer is out on passive evidence alone: try them
+                // anyway rather than fail (Envoy's panic mode). Active checks and
+                // `down`/draining are respected.
+                panicked = true;
+                continue;
+            }
             None if attempts == 0 => {
-                if !panicked && up.peers().any(|p| held_out_by_passive_checks_only(p)) {
-                    // Every usable peer is out on passive evidence alone: try them
-                    // anyway rather than fail fast (Envoy's panic mode). Active checks
-                    // and `down`/draining are respected.
-                    panicked = true;
-                    reset_all_fails(up);
-                    continue;
-                }
                 if up.peers().any(|p| held_out_by_max_conns_only(p)) {
                     match wait_in_queue(up, ctx.worker, &key, &mut tried).await {
                         Ok(p) => Some(p),
@@ -708,6 +707,7 @@ async fn forward(
                 done.note = Some("no live upstreams");
                 return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway: no live upstreams\n");
             }
+            tracing::warn!(upstream = %cfg.name, attempts, "no peer left to try; answering with the last error");
             break;
         };
         attempts += 1;
@@ -776,7 +776,13 @@ async fn forward(
                 }
                 done.note = Some(note);
                 last = Some(full(status, text));
-                let listed = if is_timeout { cfg.next_upstream.timeout } else { cfg.next_upstream.error };
+                // nginx: each kind of failure passes to the next peer only when its
+                // own condition is listed (an invalid head is not an `error`).
+                let listed = match reason {
+                    FailReason::Timeout => cfg.next_upstream.timeout,
+                    FailReason::InvalidHeader => cfg.next_upstream.invalid_header,
+                    _ => cfg.next_upstream.error,
+                };
                 let sent = !matches!(e, AttemptError::Connect(_));
                 let replayable = pending.is_some() || template.is_some();
                 let may_retry = listed
@@ -835,6 +841,22 @@ async fn wait_in_queue(
     };
     up.stats.queued.fetch_sub(1, Relaxed);
     got
+}
+
+/// Forget the failures of the peers not yet tried for this request that only
+/// passive failure accounting keeps out. True when there was any.
+fn rescue_passively_failed(up: &Upstream, tried: &(Tried, Tried)) -> bool {
+    let mut any = false;
+    let lists = [(&up.primary, &tried.0), (&up.backup, &tried.1)];
+    for (peers, t) in lists {
+        for (i, p) in peers.iter().enumerate() {
+            if !t.contains(i) && held_out_by_passive_checks_only(p) {
+                p.reset_fails();
+                any = true;
+            }
+        }
+    }
+    any
 }
 
 /// A peer that only passive failure accounting keeps out of rotation.

@@ -14,6 +14,9 @@ mod kit;
 // Not every test file uses the kit.
 #[allow(unused_imports)]
 pub use kit::*;
+mod load;
+#[allow(unused_imports)]
+pub use load::*;
 
 /// Generous deadline for anything that waits on I/O.
 pub const DEADLINE: Duration = Duration::from_secs(20);
