@@ -292,10 +292,10 @@ impl Drop for Done {
             client::checkin(&peer, tx, up.cfg.keepalive, up.cfg.keepalive_timeout);
         }
         let elapsed = self.start.elapsed();
-        if let Some(up) = &self.up {
-            if let Some(h) = &up.request_hist {
-                h.observe(elapsed.as_secs_f64());
-            }
+        if let Some(up) = &self.up
+            && let Some(h) = &up.request_hist
+        {
+            h.observe(elapsed.as_secs_f64());
         }
         if let Some(info) = self.log.take() {
             let info = *info;
@@ -734,17 +734,19 @@ async fn forward(
                 }
                 peer.latency.record(took, now);
                 let listed = status_retryable(up, status);
-                if listed && status_is_failure(status) {
-                    peer.record_failure(now);
-                    peer.stats.count_fail(FailReason::Status);
-                } else {
-                    peer.record_success();
-                }
                 let can_retry = listed
                     && attempts < max_tries
                     && deadline.is_none_or(|d| Instant::now() < d)
                     && (idempotent || cfg.next_upstream.non_idempotent)
                     && template.is_some();
+                // nginx counts a listed status against the peer only when it passes
+                // the request on; the answer that goes to the client is a success.
+                if can_retry && status_is_failure(status) {
+                    peer.record_failure(now);
+                    peer.stats.count_fail(FailReason::Status);
+                } else {
+                    peer.record_success();
+                }
                 if can_retry {
                     tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
