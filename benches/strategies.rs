@@ -71,7 +71,8 @@ fn bench(c: &mut Criterion) {
     for n in [4usize, 64] {
         let ps = peers(n);
         for (i, p) in ps.iter().enumerate() {
-            p.latency.record(Duration::from_micros(500 + 37 * i as u64), now);
+            p.latency
+                .record(Duration::from_micros(500 + 37 * i as u64), now);
         }
         for (name, kind, consistent, two) in cases {
             let s = balance::from_config(&upstream(kind, consistent, two), &ps);

@@ -16,6 +16,9 @@ use crate::config::{AccessLogTarget, LogFormat};
 /// Lines buffered between the request path and the writer.
 const QUEUE: usize = 16 * 1024;
 
+/// The peers a request was sent to: address, status, time. Inline for two.
+pub type Trail = smallvec::SmallVec<[(std::net::SocketAddr, u16, Duration); 2]>;
+
 /// One finished request.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -38,7 +41,7 @@ pub struct Entry {
     /// User-Agent header.
     pub user_agent: Option<http::HeaderValue>,
     /// Every peer tried, in order, with its status (0 = no response) and time.
-    pub upstreams: Vec<(String, u16, Duration)>,
+    pub upstreams: Trail,
     /// Time from request head to the end of the response.
     pub request_time: Duration,
     /// Why ferry answered itself (502, 504, 404 ...), if it did.
@@ -136,6 +139,7 @@ fn writer(
     reopen: Arc<AtomicBool>,
 ) {
     let mut buf = String::with_capacity(64 * 1024);
+    let mut clock = Clock::default();
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(e) => Some(e),
@@ -156,13 +160,19 @@ fn writer(
             }
         }
         let Some(first) = first else { continue };
+        // Let a batch gather: while the writer sleeps, queuing a line costs the
+        // request path no wake-up.
+        std::thread::sleep(BATCH_WAIT);
         buf.clear();
-        format_entry(&mut buf, &first, format);
-        // Batch whatever else is queued into one write.
-        while buf.len() < 60 * 1024 {
+        format_with(&mut buf, &first, format, &mut clock);
+        loop {
             match rx.try_recv() {
-                Ok(e) => format_entry(&mut buf, &e, format),
+                Ok(e) => format_with(&mut buf, &e, format, &mut clock),
                 Err(_) => break,
+            }
+            if buf.len() >= 60 * 1024 {
+                let _ = out.write_all(buf.as_bytes());
+                buf.clear();
             }
         }
         let _ = out.write_all(buf.as_bytes());
@@ -170,24 +180,49 @@ fn writer(
     }
 }
 
+/// How long the writer lets lines gather before writing a batch.
+const BATCH_WAIT: Duration = Duration::from_millis(20);
+
+/// `$time_local` of the last second formatted, reused within that second.
+#[derive(Default)]
+struct Clock {
+    secs: u64,
+    text: String,
+}
+
+impl Clock {
+    fn local(&mut self, t: SystemTime) -> &str {
+        let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if secs != self.secs || self.text.is_empty() {
+            self.secs = secs;
+            self.text = time_local(t);
+        }
+        &self.text
+    }
+}
+
+fn format_with(buf: &mut String, e: &Entry, format: LogFormat, clock: &mut Clock) {
+    match format {
+        LogFormat::Combined => combined(buf, e, clock),
+        LogFormat::Json => json(buf, e, clock),
+    }
+}
+
 /// Append one formatted line (with newline).
 pub fn format_entry(buf: &mut String, e: &Entry, format: LogFormat) {
-    match format {
-        LogFormat::Combined => combined(buf, e),
-        LogFormat::Json => json(buf, e),
-    }
+    format_with(buf, e, format, &mut Clock::default());
 }
 
 fn hv(v: &Option<http::HeaderValue>) -> &str {
     v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
-fn combined(buf: &mut String, e: &Entry) {
+fn combined(buf: &mut String, e: &Entry, clock: &mut Clock) {
     let _ = write!(
         buf,
         "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" ",
         e.remote,
-        time_local(e.time),
+        clock.local(e.time),
         e.method,
         e.uri,
         e.version,
@@ -199,25 +234,24 @@ fn combined(buf: &mut String, e: &Entry) {
     if e.upstreams.is_empty() {
         buf.push_str("- - -");
     } else {
-        let join = |buf: &mut String, f: &dyn Fn(&(String, u16, Duration)) -> String| {
-            for (i, u) in e.upstreams.iter().enumerate() {
-                if i > 0 {
-                    buf.push_str(", ");
+        for (i, (addr, _, _)) in e.upstreams.iter().enumerate() {
+            let _ = write!(buf, "{}{addr}", if i > 0 { ", " } else { "" });
+        }
+        buf.push(' ');
+        for (i, (_, status, _)) in e.upstreams.iter().enumerate() {
+            buf.push_str(if i > 0 { ", " } else { "" });
+            match status {
+                0 => buf.push('-'),
+                s => {
+                    let _ = write!(buf, "{s}");
                 }
-                buf.push_str(&f(u));
             }
-        };
-        join(buf, &|u| u.0.clone());
+        }
         buf.push(' ');
-        join(buf, &|u| {
-            if u.1 == 0 {
-                "-".into()
-            } else {
-                u.1.to_string()
-            }
-        });
-        buf.push(' ');
-        join(buf, &|u| format!("{:.3}", u.2.as_secs_f64()));
+        for (i, (_, _, t)) in e.upstreams.iter().enumerate() {
+            let sep = if i > 0 { ", " } else { "" };
+            let _ = write!(buf, "{sep}{:.3}", t.as_secs_f64());
+        }
     }
     let _ = write!(buf, " {:.3}", e.request_time.as_secs_f64());
     if let Some(n) = e.note {
@@ -241,9 +275,9 @@ fn json_str(buf: &mut String, s: &str) {
     buf.push('"');
 }
 
-fn json(buf: &mut String, e: &Entry) {
+fn json(buf: &mut String, e: &Entry, clock: &mut Clock) {
     buf.push_str("{\"time\":");
-    json_str(buf, &time_local(e.time));
+    json_str(buf, clock.local(e.time));
     buf.push_str(",\"remote_addr\":");
     json_str(buf, &e.remote.to_string());
     buf.push_str(",\"method\":");
@@ -266,8 +300,7 @@ fn json(buf: &mut String, e: &Entry) {
         if i > 0 {
             buf.push(',');
         }
-        buf.push_str("{\"addr\":");
-        json_str(buf, addr);
+        let _ = write!(buf, "{{\"addr\":\"{addr}\"");
         let _ = write!(
             buf,
             ",\"status\":{},\"response_time\":{:.3}}}",
@@ -338,9 +371,13 @@ mod tests {
             bytes: 12,
             referer: None,
             user_agent: Some(http::HeaderValue::from_static("curl/8")),
-            upstreams: vec![
-                ("10.0.0.1:80".into(), 0, Duration::from_millis(3)),
-                ("10.0.0.2:80".into(), 200, Duration::from_millis(12)),
+            upstreams: smallvec::smallvec![
+                ("10.0.0.1:80".parse().unwrap(), 0, Duration::from_millis(3)),
+                (
+                    "10.0.0.2:80".parse().unwrap(),
+                    200,
+                    Duration::from_millis(12)
+                ),
             ],
             request_time: Duration::from_millis(15),
             note: None,

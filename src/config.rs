@@ -23,6 +23,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[log]`.
     pub log: LogConfig,
+    /// `[resolver]`: DNS for servers with `resolve = true`.
+    pub resolver: ResolverConfig,
     /// `[[upstream]]`, in file order.
     pub upstreams: Vec<UpstreamConfig>,
     /// `[[route]]`, in file order (a single upstream with no routes gets a `*` `/` route).
@@ -57,6 +59,16 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Record latency histograms on the request path (counters are always kept).
     pub metrics: bool,
+}
+
+/// `[resolver]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolverConfig {
+    /// DNS server asked; `None` = the system's (`/etc/resolv.conf`).
+    pub addr: Option<SocketAddr>,
+    /// Time between resolutions of a `resolve = true` name (sooner when the
+    /// answer's TTL is shorter).
+    pub resolve_interval: Duration,
 }
 
 /// Where access log lines go.
@@ -319,6 +331,8 @@ struct RawConfig {
     #[serde(default)]
     log: RawLog,
     #[serde(default)]
+    resolver: RawResolver,
+    #[serde(default)]
     upstream: Vec<Spanned<RawUpstream>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
@@ -352,6 +366,14 @@ struct RawAdmin {
 struct RawLog {
     access: Option<Spanned<String>>,
     format: Option<Spanned<String>>,
+}
+
+/// `[resolver]`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResolver {
+    addr: Option<Spanned<String>>,
+    resolve_interval: Option<Spanned<Dur>>,
 }
 
 /// `[[upstream]]`.
@@ -988,7 +1010,7 @@ impl Config {
             LogFormat::Combined => "combined",
             LogFormat::Json => "json",
         };
-        let rows = vec![
+        let mut rows = vec![
             vec!["file".to_owned(), self.path.display().to_string()],
             vec![
                 "listen".to_owned(),
@@ -1014,6 +1036,24 @@ impl Config {
                 format!("access {access}  format {format}"),
             ],
         ];
+        let resolves = self
+            .upstreams
+            .iter()
+            .flat_map(|u| &u.servers)
+            .any(|e| e.resolve);
+        if resolves || self.resolver.addr.is_some() {
+            let server = match self.resolver.addr {
+                Some(a) => a.to_string(),
+                None => "system (/etc/resolv.conf)".to_owned(),
+            };
+            rows.push(vec![
+                "resolver".to_owned(),
+                format!(
+                    "{server}  every {}",
+                    fmt_duration(self.resolver.resolve_interval)
+                ),
+            ]);
+        }
         write_table(out, "", &rows)?;
         for u in &self.upstreams {
             writeln!(out)?;
@@ -1234,6 +1274,7 @@ impl Ctx<'_> {
         let (server, listen_spans) = self.server(raw.server)?;
         let admin = self.admin(raw.admin, &server.listen, &listen_spans)?;
         let log = self.log(raw.log)?;
+        let resolver = self.resolver(raw.resolver)?;
         if raw.upstream.is_empty() {
             return Err(self.err_at(
                 0,
@@ -1275,8 +1316,45 @@ impl Ctx<'_> {
             server,
             admin,
             log,
+            resolver,
             upstreams,
             routes,
+        })
+    }
+
+    /// `[resolver]`: `addr` is an IP with an optional port (53).
+    fn resolver(&self, r: RawResolver) -> Result<ResolverConfig, ConfigError> {
+        let addr = match r.addr {
+            None => None,
+            Some(a) => {
+                let text = a.get_ref().trim();
+                let parsed = text.parse::<SocketAddr>().ok().or_else(|| {
+                    text.parse::<IpAddr>()
+                        .ok()
+                        .map(|ip| SocketAddr::new(ip, 53))
+                });
+                match parsed {
+                    Some(sa) if sa.port() != 0 => Some(sa),
+                    _ => {
+                        return Err(self.err(
+                            a.span(),
+                            "resolver.addr",
+                            format!(
+                                "invalid DNS server \"{text}\": expected an IP address with an optional port, e.g. \"127.0.0.11\" or \"10.0.0.2:53\""
+                            ),
+                        ));
+                    }
+                }
+            }
+        };
+        let resolve_interval = self.positive(
+            r.resolve_interval,
+            Duration::from_secs(5),
+            "resolver.resolve_interval",
+        )?;
+        Ok(ResolverConfig {
+            addr,
+            resolve_interval,
         })
     }
 
@@ -2905,6 +2983,29 @@ mandatory = true
             "{ONE}[[route]]\nupstream = \"a\"\n[[route]]\nhost = \"*\"\nupstream = \"a\"\n"
         ));
         check(&e, 8, 8, "route[1]", "duplicate route");
+    }
+
+    #[test]
+    fn resolver_addr_and_interval() {
+        let c = ok(ONE);
+        assert_eq!(c.resolver.addr, None);
+        assert_eq!(c.resolver.resolve_interval, Duration::from_secs(5));
+        let c = ok(&format!(
+            "[resolver]\naddr = \"127.0.0.11\"\nresolve_interval = \"2s\"\n{ONE}"
+        ));
+        assert_eq!(
+            c.resolver.addr,
+            Some(SocketAddr::from(([127, 0, 0, 11], 53)))
+        );
+        assert_eq!(c.resolver.resolve_interval, Duration::from_secs(2));
+        let c = ok(&format!("[resolver]\naddr = \"[::1]:5353\"\n{ONE}"));
+        assert_eq!(c.resolver.addr, Some("[::1]:5353".parse().unwrap()));
+        let e = err(&format!("[resolver]\naddr = \"dns.example\"\n{ONE}"));
+        check(&e, 2, 8, "resolver.addr", "expected an IP address");
+        let e = err(&format!("[resolver]\nresolve_interval = \"0s\"\n{ONE}"));
+        check(&e, 2, 20, "resolver.resolve_interval", "greater than zero");
+        let e = err(&format!("[resolver]\nport = 53\n{ONE}"));
+        assert!(e.to_string().contains("port"), "{e}");
     }
 
     #[test]

@@ -435,8 +435,10 @@ impl Backend {
                 }
             });
             let mut r = reply(StatusCode::SWITCHING_PROTOCOLS, String::new());
-            r.headers_mut()
-                .insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+            r.headers_mut().insert(
+                header::CONNECTION,
+                http::HeaderValue::from_static("upgrade"),
+            );
             r.headers_mut()
                 .insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
             return r;
@@ -536,7 +538,10 @@ pub fn run() -> Result<(), String> {
                 match Backend::start(want, &format!("backend-{}", i + 1)).await {
                     Ok(b) => Ok(b),
                     // Port taken: any free port will do for a demo.
-                    Err(_) => Backend::start(([127, 0, 0, 1], 0).into(), &format!("backend-{}", i + 1)).await,
+                    Err(_) => {
+                        Backend::start(([127, 0, 0, 1], 0).into(), &format!("backend-{}", i + 1))
+                            .await
+                    }
                 }
             })
             .map_err(|e| format!("cannot start a demo backend: {e}"))?;

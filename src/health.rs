@@ -262,13 +262,23 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let closed = l.local_addr().unwrap();
         drop(l);
-        assert!(check_once(&peer(closed), &hc("/")).await.unwrap_err().contains("connect"));
+        assert!(
+            check_once(&peer(closed), &hc("/"))
+                .await
+                .unwrap_err()
+                .contains("connect")
+        );
         let b = crate::demo::Backend::start("127.0.0.1:0".parse().unwrap(), "hang")
             .await
             .unwrap();
         b.knobs.hang.store(1, std::sync::atomic::Ordering::Relaxed);
         let mut quick = hc("/");
         quick.timeout = Duration::from_millis(300);
-        assert!(check_once(&peer(b.addr), &quick).await.unwrap_err().contains("timed out"));
+        assert!(
+            check_once(&peer(b.addr), &quick)
+                .await
+                .unwrap_err()
+                .contains("timed out")
+        );
     }
 }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod discovery;
 pub mod ewma;
 pub mod health;
 pub mod metrics;

@@ -25,6 +25,9 @@ enum Command {
     Check,
     /// Start demo backends and a ferry in front of them on 127.0.0.1:8080.
     Demo,
+    /// Ask the ferry running with this configuration for /healthz on its admin
+    /// listener; exit 0 when it answers 200, 1 otherwise (for Docker's HEALTHCHECK).
+    Health,
 }
 
 fn main() -> ExitCode {
@@ -42,11 +45,27 @@ fn main() -> ExitCode {
         Some(Command::Check) => match ferry::config::Config::load(&cli.config) {
             Ok(cfg) => {
                 print!("{}", cfg.summary());
-                println!("ferry: the configuration file {} is valid", cli.config.display());
+                println!(
+                    "ferry: the configuration file {} is valid",
+                    cli.config.display()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 eprintln!("ferry: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Health) => match ferry::config::Config::load(&cli.config)
+            .map_err(|e| e.to_string())
+            .and_then(|cfg| ferry::admin::probe_healthz(&cfg))
+        {
+            Ok(addr) => {
+                println!("ferry: healthy (http://{addr}/healthz answered 200)");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferry: unhealthy: {e}");
                 ExitCode::FAILURE
             }
         },

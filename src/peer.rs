@@ -150,7 +150,10 @@ impl PeerStats {
     /// Count one response with this status.
     #[inline]
     pub fn count_status(&self, code: u16) {
-        if let Some(c) = code.checked_sub(100).and_then(|i| self.codes.get(usize::from(i))) {
+        if let Some(c) = code
+            .checked_sub(100)
+            .and_then(|i| self.codes.get(usize::from(i)))
+        {
             c.fetch_add(1, Relaxed);
         }
     }
@@ -264,6 +267,18 @@ impl Peer {
     pub fn set_draining(&self, draining: bool) {
         if self.draining.swap(draining, Relaxed) && !draining {
             self.start_ramp();
+        }
+    }
+
+    /// Take over what an operator and the health checks decided about `old`, the
+    /// same address under its previous parameters (a reload changed its weight,
+    /// say): drain, health verdict, and `down` set through the runtime API, unless
+    /// the file itself changed `down`, which then wins.
+    pub fn inherit(&self, old: &Peer) {
+        self.draining.store(old.is_draining(), Relaxed);
+        self.healthy.store(old.is_healthy(), Relaxed);
+        if old.params.down == self.params.down {
+            self.admin_down.store(old.is_down(), Relaxed);
         }
     }
 
@@ -559,7 +574,11 @@ mod tests {
         assert_eq!(p.ramp_share(now_ms()), None);
         p.set_healthy(false);
         p.set_healthy(true);
-        let admitted = |p: &Peer| (0..1000).filter(|_| p.admit_while_ramping(now_ms())).count();
+        let admitted = |p: &Peer| {
+            (0..1000)
+                .filter(|_| p.admit_while_ramping(now_ms()))
+                .count()
+        };
         let early = admitted(&p);
         assert!((15..=25).contains(&early), "{early}");
         tokio::time::advance(Duration::from_secs(5)).await;

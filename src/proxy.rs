@@ -108,7 +108,11 @@ fn request_host(req: &Request<Incoming>) -> &str {
     let raw = req
         .uri()
         .host()
-        .or_else(|| req.headers().get(header::HOST).and_then(|v| v.to_str().ok()))
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })
         .unwrap_or("");
     strip_port(raw)
 }
@@ -283,7 +287,7 @@ struct LogInfo {
     version: Version,
     referer: Option<HeaderValue>,
     user_agent: Option<HeaderValue>,
-    upstreams: Vec<(String, u16, Duration)>,
+    upstreams: crate::accesslog::Trail,
 }
 
 impl Drop for Done {
@@ -376,7 +380,10 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Serve one client request.
-pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<RespBody>, Infallible> {
+pub async fn handle(
+    ctx: Arc<Ctx>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
     ctx.state.request_started();
     let metrics = ctx.shared.metrics;
     metrics.worker(ctx.worker).requests.fetch_add(1, Relaxed);
@@ -390,7 +397,7 @@ pub async fn handle(ctx: Arc<Ctx>, req: Request<Incoming>) -> Result<Response<Re
             version: req.version(),
             referer: req.headers().get(header::REFERER).cloned(),
             user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            upstreams: Vec::new(),
+            upstreams: crate::accesslog::Trail::new(),
         })
     });
     let mut done = Done {
@@ -475,9 +482,11 @@ fn check_request(
             "request body larger than client_max_body_size",
         ));
     }
-    rt.router
-        .route(request_host(req), req.uri().path())
-        .ok_or((StatusCode::NOT_FOUND, "404 Not Found: no route\n", "no route"))
+    rt.router.route(request_host(req), req.uri().path()).ok_or((
+        StatusCode::NOT_FOUND,
+        "404 Not Found: no route\n",
+        "no route",
+    ))
 }
 
 /// Build the request sent upstream: origin-form target, HTTP/1.1, hop-by-hop
@@ -509,10 +518,12 @@ fn upstream_request(
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-    let host = h
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    let host = h.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     if let Some(host) = host {
         if !h.contains_key(header::HOST) {
             h.insert(header::HOST, host.clone());
@@ -641,11 +652,17 @@ async fn forward(
             Ok(body) => Request::from_parts(parts, body),
             Err(ReadError::TooLarge) => {
                 done.note = Some("request body larger than client_max_body_size");
-                return full(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large\n");
+                return full(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "413 Request Entity Too Large\n",
+                );
             }
             Err(ReadError::Client(_)) => {
                 done.note = Some("client closed the request body");
-                return full(StatusCode::BAD_REQUEST, "400 Bad Request: request body incomplete\n");
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: request body incomplete\n",
+                );
             }
         }
     } else {
@@ -657,7 +674,8 @@ async fn forward(
         0 => n_peers,
         n => (n as usize).min(n_peers.max(1)),
     };
-    let deadline = (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
+    let deadline =
+        (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
     // A copy to send again, when a retry could happen and the body allows it.
     let may_pass_on = !cfg.next_upstream.off && max_tries > 1;
     let template = if may_pass_on { replay_copy(&req) } else { None };
@@ -705,13 +723,19 @@ async fn forward(
                 reset_all_fails(up);
                 tracing::warn!(upstream = %cfg.name, "no live upstreams");
                 done.note = Some("no live upstreams");
-                return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway: no live upstreams\n");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: no live upstreams\n",
+                );
             }
             tracing::warn!(upstream = %cfg.name, attempts, "no peer left to try; answering with the last error");
             break;
         };
         attempts += 1;
-        let Some(mut req) = pending.take().or_else(|| template.as_ref().and_then(replay_copy)) else {
+        let Some(mut req) = pending
+            .take()
+            .or_else(|| template.as_ref().and_then(replay_copy))
+        else {
             break;
         };
         if attempts > 1 {
@@ -719,7 +743,15 @@ async fn forward(
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(&peer, cfg, &mut req, template.as_ref(), idempotent, &started).await;
+        let result = attempt(
+            &peer,
+            cfg,
+            &mut req,
+            template.as_ref(),
+            idempotent,
+            &started,
+        )
+        .await;
         let took = t0.elapsed();
         let now = now_ms();
         match result {
@@ -727,7 +759,7 @@ async fn forward(
                 let status = resp.status();
                 peer.stats.count_status(status.as_u16());
                 if let Some(l) = done.log.as_mut() {
-                    l.upstreams.push((peer.addr_str.clone(), status.as_u16(), took));
+                    l.upstreams.push((peer.addr, status.as_u16(), took));
                 }
                 if let Some(h) = up.header_hists.get(pos) {
                     h.observe(took.as_secs_f64());
@@ -756,21 +788,35 @@ async fn forward(
             Err(e) => {
                 if let AttemptError::TooLarge = e {
                     done.note = Some("request body larger than client_max_body_size");
-                    return full(StatusCode::PAYLOAD_TOO_LARGE, "413 Request Entity Too Large\n");
+                    return full(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413 Request Entity Too Large\n",
+                    );
                 }
                 if let AttemptError::ClientBody = e {
                     done.note = Some("client closed the request body");
-                    return full(StatusCode::BAD_REQUEST, "400 Bad Request: request body incomplete\n");
+                    return full(
+                        StatusCode::BAD_REQUEST,
+                        "400 Bad Request: request body incomplete\n",
+                    );
                 }
                 let reason = e.reason();
                 let is_timeout = reason == FailReason::Timeout;
                 let (status, text, note) = if is_timeout {
-                    (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout\n", "upstream timed out")
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 Gateway Timeout\n",
+                        "upstream timed out",
+                    )
                 } else {
-                    (StatusCode::BAD_GATEWAY, "502 Bad Gateway\n", "upstream error")
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway\n",
+                        "upstream error",
+                    )
                 };
                 if let Some(l) = done.log.as_mut() {
-                    l.upstreams.push((peer.addr_str.clone(), status.as_u16(), took));
+                    l.upstreams.push((peer.addr, status.as_u16(), took));
                 }
                 peer.stats.count_fail(reason);
                 if e.counts_against_peer() && peer.record_failure(now) {
@@ -937,21 +983,19 @@ async fn attempt(
         };
         if conn.tx.ready().await.is_err() {
             if conn.fresh {
-                return Err(AttemptError::Connect(ConnectError::Io(std::io::Error::other(
-                    "connection closed before the request was sent",
-                ))));
+                return Err(AttemptError::Connect(ConnectError::Io(
+                    std::io::Error::other("connection closed before the request was sent"),
+                )));
             }
             pooled = client::checkout(peer);
             continue;
         }
         // Long-idle pooled connections are the ones a peer may be closing right
         // now: keep a copy to resend if no other copy is kept.
-        let own_copy = (template.is_none()
-            && !conn.fresh
-            && !resent
-            && conn.idle >= IDLE_CLOSE_SUSPECT)
-            .then(|| replay_copy(req))
-            .flatten();
+        let own_copy =
+            (template.is_none() && !conn.fresh && !resent && conn.idle >= IDLE_CLOSE_SUSPECT)
+                .then(|| replay_copy(req))
+                .flatten();
         let out = std::mem::replace(req, Request::new(ReqBody::Empty));
         let fut = conn.tx.try_send_request(out);
         match with_read_timeout(fut, cfg.read_timeout, started).await {
@@ -1068,14 +1112,23 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_named_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, X-Secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert(header::PROXY_AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        h.insert(
+            header::PROXY_AUTHORIZATION,
+            HeaderValue::from_static("Basic x"),
+        );
         h.insert(header::TE, HeaderValue::from_static("trailers"));
         h.insert(header::TRAILER, HeaderValue::from_static("x"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
         assert!(!strip_hop_by_hop(&mut h));

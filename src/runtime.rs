@@ -217,7 +217,14 @@ impl Runtime {
                     for addr in &s.addrs {
                         let peer = match old_peers.get(&(u.name.as_str(), *addr)) {
                             Some(p) if p.params == params => Arc::clone(p),
-                            _ => {
+                            Some(old) => {
+                                // Same address, new parameters: fresh counters, but
+                                // drain/down and the health verdict carry over.
+                                let p = Arc::new(Peer::new(*addr, params.clone()));
+                                p.inherit(old);
+                                p
+                            }
+                            None => {
                                 let p = Arc::new(Peer::new(*addr, params.clone()));
                                 // Mandatory checks: a new peer waits for its first pass.
                                 if u.health_check.as_ref().is_some_and(|h| h.mandatory) {

@@ -4,11 +4,18 @@
 //! Like nginx, ferry runs one single-threaded runtime per worker thread, each with
 //! its own `SO_REUSEPORT` listening socket and its own upstream connection pool,
 //! so workers share nothing on the request path but a few atomics.
+//!
+//! The control thread owns the signals, the admin listener and reloads. A reload
+//! swaps the [`Runtime`] (requests in flight keep the one they started with) and
+//! moves listeners: it binds new addresses itself, hands each worker its socket
+//! over a command channel, and tells the workers to close the sockets of removed
+//! addresses, whose open connections carry on to their end.
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,12 +23,14 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::accesslog::AccessLog;
+use crate::admin::{AdminHandle, ReloadReply};
 use crate::config::Config;
 use crate::conn::{ClientIo, ConnState, READING, WAITING};
+use crate::discovery::{self, Dns, Target};
 use crate::metrics::Metrics;
 use crate::peer::now_ms;
 use crate::proxy::{Ctx, Shared, handle};
@@ -82,6 +91,104 @@ struct Tracker {
     idle: Notify,
 }
 
+/// A change to one worker's listening sockets, sent by the control thread.
+#[derive(Debug)]
+enum ListenerCmd {
+    /// Start accepting on this socket (the worker's member of an `SO_REUSEPORT`
+    /// group), known by the group's bound address.
+    Add(SocketAddr, std::net::TcpListener),
+    /// Stop accepting on the socket of this bound address and close it; the
+    /// connections it accepted carry on to their natural end.
+    Remove(SocketAddr),
+}
+
+/// The client-facing listeners, owned by the control thread: which configured
+/// address each is bound to, and the channels that hand sockets to the workers.
+struct Listeners {
+    /// (configured, bound) per listener, in config order.
+    bound: Vec<(SocketAddr, SocketAddr)>,
+    /// One command channel per worker.
+    workers: Vec<mpsc::UnboundedSender<ListenerCmd>>,
+    /// The bound addresses, as `/status` shows them.
+    shown: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+/// What moving to a new `[server] listen` list takes. Nothing changes until it
+/// is applied; dropping it closes the sockets it bound.
+struct ListenerPlan {
+    /// The new (configured, bound) list.
+    bound: Vec<(SocketAddr, SocketAddr)>,
+    /// Newly bound groups: the bound address and one socket per worker.
+    added: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
+    /// Bound addresses no longer wanted.
+    removed: Vec<SocketAddr>,
+}
+
+impl Listeners {
+    /// Bind what `want` adds to the current set (an address already bound under the
+    /// same configured address is kept as is, sockets, queue and all).
+    fn plan(&self, want: &[SocketAddr]) -> Result<ListenerPlan, String> {
+        let mut old: Vec<Option<(SocketAddr, SocketAddr)>> =
+            self.bound.iter().copied().map(Some).collect();
+        let mut plan = ListenerPlan {
+            bound: Vec::with_capacity(want.len()),
+            added: Vec::new(),
+            removed: Vec::new(),
+        };
+        for addr in want {
+            // The same configured address keeps its socket; so does the address a
+            // socket is bound to (`127.0.0.1:0` bound to port 40001, now written
+            // `127.0.0.1:40001`).
+            let kept = match old
+                .iter()
+                .position(|o| o.is_some_and(|(conf, _)| conf == *addr))
+            {
+                Some(i) => old[i].take(),
+                None => old
+                    .iter_mut()
+                    .find(|o| o.is_some_and(|(_, bound)| bound == *addr))
+                    .and_then(Option::take),
+            };
+            match kept {
+                Some((_, bound)) => plan.bound.push((*addr, bound)),
+                None => {
+                    let socks = bind_reuseport(*addr, self.workers.len())
+                        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                    let local = socks
+                        .first()
+                        .and_then(|s| s.local_addr().ok())
+                        .ok_or_else(|| format!("cannot listen on {addr}: no socket"))?;
+                    plan.bound.push((*addr, local));
+                    plan.added.push((local, socks));
+                }
+            }
+        }
+        plan.removed = old.into_iter().flatten().map(|(_, b)| b).collect();
+        Ok(plan)
+    }
+
+    /// Hand the new sockets to the workers and tell them which to close.
+    fn apply(&mut self, plan: ListenerPlan) {
+        for (addr, socks) in plan.added {
+            for (tx, s) in self.workers.iter().zip(socks) {
+                // A worker that is gone (its runtime failed to start) takes nothing.
+                let _ = tx.send(ListenerCmd::Add(addr, s));
+            }
+            tracing::info!(addr = %addr, workers = self.workers.len(), "listening");
+        }
+        for addr in plan.removed {
+            for tx in &self.workers {
+                let _ = tx.send(ListenerCmd::Remove(addr));
+            }
+            tracing::info!(addr = %addr, "stopped listening; open connections finish");
+        }
+        self.bound = plan.bound;
+        if let Ok(mut shown) = self.shown.lock() {
+            *shown = self.bound.iter().map(|(_, b)| *b).collect();
+        }
+    }
+}
+
 /// Run ferry with `cfg` until SIGTERM/SIGINT (or `stop` fires). Blocks.
 /// `ready` receives the bound listener addresses once serving.
 pub fn run(
@@ -93,18 +200,25 @@ pub fn run(
     let workers = worker_count(&cfg);
     let metrics: &'static Metrics = Box::leak(Box::new(Metrics::new(workers)));
     let log = AccessLog::start(&cfg.log.access, cfg.log.format, metrics.log_dropped.clone())
-        .map_err(|e| StartError(format!("cannot open the access log {:?}: {e}", cfg.log.access)))?;
+        .map_err(|e| {
+            StartError(format!(
+                "cannot open the access log {:?}: {e}",
+                cfg.log.access
+            ))
+        })?;
 
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::new();
-    for addr in &cfg.server.listen {
-        let socks = bind_reuseport(*addr, workers)
-            .map_err(|e| StartError(format!("cannot listen on {addr}: {e}")))?;
-        bound.push(socks[0].local_addr().map_err(|e| StartError(e.to_string()))?);
-        for (w, s) in socks.into_iter().enumerate() {
-            per_worker[w].push(s);
-        }
+    let mut cmd_rx = Vec::with_capacity(workers);
+    let mut listeners = Listeners {
+        bound: Vec::new(),
+        workers: Vec::with_capacity(workers),
+        shown: Arc::new(Mutex::new(Vec::new())),
+    };
+    for _ in 0..workers {
+        let (tx, rx) = mpsc::unbounded_channel();
+        listeners.workers.push(tx);
+        cmd_rx.push(rx);
     }
+    let plan = listeners.plan(&cfg.server.listen).map_err(StartError)?;
     let admin = match cfg.admin.listen {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -113,6 +227,21 @@ pub fn run(
         ),
         None => None,
     };
+    if let Some(a) = cfg.admin.listen
+        && !a.ip().is_loopback()
+        && cfg.admin.token.is_none()
+    {
+        tracing::warn!(addr = %a, "the admin listener is not on loopback and [admin] token is not set: anyone who reaches it can drain peers and reload");
+    }
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartError(format!("cannot start runtime: {e}")))?;
+    // Names with `resolve = true` are resolved before serving.
+    let (mut discovery, resolved) = Discovery::new();
+    let cfg = control
+        .block_on(discovery.prepare(&cfg))
+        .map_err(StartError)?;
     let path = cfg.path.clone();
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
@@ -124,49 +253,60 @@ pub fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let mut threads = Vec::new();
-    for (w, listeners) in per_worker.into_iter().enumerate() {
+    for (w, cmds) in cmd_rx.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
         let stop = stop_rx.clone();
         let limit = Arc::clone(&limit);
         let t = std::thread::Builder::new()
             .name(format!("ferry-w{w}"))
             .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
                     Ok(rt) => rt,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot start worker runtime");
                         return;
                     }
                 };
-                rt.block_on(worker(w, listeners, shared, stop, limit));
+                rt.block_on(worker(w, cmds, shared, stop, limit));
             })
             .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
         threads.push(t);
     }
 
-    let control = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| StartError(format!("cannot start runtime: {e}")))?;
     control.block_on(async {
+        let (reload_tx, reload_rx) = mpsc::channel(8);
         if let Some(l) = admin {
             match TcpListener::from_std(l) {
                 Ok(l) => {
                     if let Ok(a) = l.local_addr() {
                         tracing::info!(addr = %a, "admin listening");
                     }
-                    tokio::spawn(crate::admin::serve(l, Arc::clone(&shared), path.clone(), workers));
+                    let handle = AdminHandle {
+                        shared: Arc::clone(&shared),
+                        reload: reload_tx,
+                        listeners: Arc::clone(&listeners.shown),
+                    };
+                    tokio::spawn(crate::admin::serve(l, handle));
                 }
                 Err(e) => tracing::error!(error = %e, "admin listener failed"),
             }
         }
-        for a in &bound {
-            tracing::info!(addr = %a, workers, "listening");
-        }
+        listeners.apply(plan);
         if let Some(r) = ready {
-            let _ = r.send(bound.clone());
+            let _ = r.send(listeners.bound.iter().map(|(_, b)| *b).collect());
         }
-        wait_for_stop(&shared, &path, workers, stop).await;
+        let mut control = Control {
+            checkers: crate::health::start(&shared.runtime.load()),
+            shared: Arc::clone(&shared),
+            path,
+            workers,
+            listeners,
+            discovery,
+        };
+        control.wait_for_stop(stop, reload_rx, resolved).await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
     });
@@ -177,100 +317,359 @@ pub fn run(
     Ok(())
 }
 
-/// Wait for SIGTERM/SIGINT (or the `stop` channel); handle SIGHUP (reload) and
-/// SIGUSR1 (reopen the access log) meanwhile.
-async fn wait_for_stop(
-    shared: &Arc<Shared>,
-    path: &std::path::Path,
+/// The control thread's state: everything a reload changes.
+struct Control {
+    shared: Arc<Shared>,
+    path: PathBuf,
     workers: usize,
-    stop: Option<watch::Receiver<bool>>,
-) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined1()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
-    let mut stop = stop;
-    let mut checkers = crate::health::start(&shared.runtime.load());
-    loop {
-        let stop_fut = async {
-            match stop.as_mut() {
-                Some(s) => {
-                    let _ = s.wait_for(|v| *v).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = stop_fut => return,
-            _ = hup.recv() => {
-                if reload(shared, path, workers).is_ok() {
-                    drop(checkers);
-                    checkers = crate::health::start(&shared.runtime.load());
-                }
-            }
-            _ = usr1.recv() => shared.log.reopen(),
-        }
-    }
+    listeners: Listeners,
+    /// The active health checkers of the running configuration.
+    checkers: crate::health::Checkers,
+    /// DNS discovery for `resolve = true` names.
+    discovery: Discovery,
 }
 
-/// Re-read the config file and swap in a new runtime; an invalid file changes nothing.
-pub fn reload(shared: &Shared, path: &std::path::Path, workers: usize) -> Result<(), String> {
-    let metrics = shared.metrics;
-    match Config::load(path) {
-        Err(e) => {
+impl Control {
+    /// Wait for SIGTERM/SIGINT (or the `stop` channel); meanwhile reload on
+    /// SIGHUP and on the admin's `POST /reload`, and reopen the access log on
+    /// SIGUSR1. Reloads run here one at a time, whatever asked for them.
+    async fn wait_for_stop(
+        &mut self,
+        stop: Option<watch::Receiver<bool>>,
+        mut reloads: mpsc::Receiver<ReloadReply>,
+        mut resolved: mpsc::UnboundedReceiver<Resolved>,
+    ) {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr1)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined1()),
+        ) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        let mut stop = stop;
+        loop {
+            let stop_fut = async {
+                match stop.as_mut() {
+                    Some(s) => {
+                        let _ = s.wait_for(|v| *v).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let due = self.discovery.next_due();
+            let resolve_due = async {
+                match due {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = stop_fut => return,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    let _ = self.reload().await;
+                }
+                Some(reply) = reloads.recv() => {
+                    tracing::info!("admin API: reloading the configuration");
+                    let _ = reply.send(self.reload().await);
+                }
+                _ = usr1.recv() => self.shared.log.reopen(),
+                _ = resolve_due => self.discovery.start_due(),
+                Some((target, result)) = resolved.recv() => {
+                    if self.discovery.record(target, result) {
+                        self.apply_discovered();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-read the config file and apply it: listeners, then a new runtime (peers
+    /// that stay keep their state), then the health checkers. An invalid file, or
+    /// a new listen address that cannot be bound, changes nothing.
+    async fn reload(&mut self) -> Result<String, String> {
+        let metrics = self.shared.metrics;
+        let fail = |e: String| {
             metrics.reloads.with_label_values(&["error"]).inc();
             tracing::error!(error = %e, "reload failed; the running configuration is unchanged");
-            Err(e.to_string())
-        }
-        Ok(new) => {
-            let old = shared.runtime.load_full();
-            if new.server.listen != old.config.server.listen {
-                tracing::warn!("listener changes take effect at restart");
+            Err(e)
+        };
+        let new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => return fail(e.to_string()),
+        };
+        let plan = match self.listeners.plan(&new.server.listen) {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        // New `resolve = true` names are resolved before the file applies.
+        let new = match self.discovery.prepare(&new).await {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        let old = self.shared.runtime.load_full();
+        warn_restart_only(&old.config, &new, self.workers);
+        let rt = Runtime::build(Arc::new(new), self.workers, Some(&old), metrics);
+        drain_removed(&old, &rt);
+        let peers: usize = rt.upstreams.iter().map(|u| u.peers().count()).sum();
+        let summary = format!(
+            "configuration reloaded: {} upstreams, {peers} peers, listeners +{} -{}",
+            rt.upstreams.len(),
+            plan.added.len(),
+            plan.removed.len()
+        );
+        self.shared.runtime.store(Arc::new(rt));
+        self.listeners.apply(plan);
+        // Checkers of the old peer set stop; the new set's start from each peer's
+        // current verdict.
+        self.checkers = crate::health::start(&self.shared.runtime.load());
+        metrics.reloads.with_label_values(&["ok"]).inc();
+        tracing::info!("{summary}");
+        Ok(summary)
+    }
+}
+
+impl Control {
+    /// The addresses of a `resolve = true` name changed: swap in a runtime with
+    /// the new set. Addresses that stay keep their peers; new ones ramp up
+    /// (`slow_start`); vanished ones are drained.
+    fn apply_discovered(&mut self) {
+        let old = self.shared.runtime.load_full();
+        let cfg = discovery::fill(&old.config, &self.discovery.found);
+        let rt = Runtime::build(Arc::new(cfg), self.workers, Some(&old), self.shared.metrics);
+        drain_removed(&old, &rt);
+        self.shared.runtime.store(Arc::new(rt));
+        self.checkers = crate::health::start(&self.shared.runtime.load());
+    }
+}
+
+/// Peers of `old` whose address is gone from their upstream in `new` drain:
+/// requests still running on the old snapshot finish, and none of its retries
+/// go there.
+fn drain_removed(old: &Runtime, new: &Runtime) {
+    for u in &old.upstreams {
+        let Some(nu) = new.upstream(&u.cfg.name) else {
+            continue;
+        };
+        for p in u.peers() {
+            if !nu.peers().any(|q| q.addr == p.addr) {
+                p.set_draining(true);
             }
-            let rt = Runtime::build(Arc::new(new), workers, Some(&old), metrics);
-            shared.runtime.store(Arc::new(rt));
-            metrics.reloads.with_label_values(&["ok"]).inc();
-            tracing::info!("configuration reloaded");
-            Ok(())
         }
     }
 }
 
+/// A resolution's result, sent back to the control loop.
+type Resolved = (Target, Result<(Vec<SocketAddr>, Duration), String>);
+
+/// How soon a name that has never resolved is asked again.
+const FIRST_ANSWER_RETRY: Duration = Duration::from_secs(1);
+
+/// The control thread's side of DNS discovery: the last good addresses of each
+/// name, and when each is due again.
+struct Discovery {
+    dns: Option<Arc<Dns>>,
+    /// Last good answer per name.
+    found: HashMap<Target, Vec<SocketAddr>>,
+    /// Next resolution per name (every name the configuration asks for is here).
+    due: HashMap<Target, Instant>,
+    /// Names with a resolution under way.
+    pending: HashSet<Target>,
+    tx: mpsc::UnboundedSender<Resolved>,
+}
+
+impl Discovery {
+    fn new() -> (Discovery, mpsc::UnboundedReceiver<Resolved>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let d = Discovery {
+            dns: None,
+            found: HashMap::new(),
+            due: HashMap::new(),
+            pending: HashSet::new(),
+            tx,
+        };
+        (d, rx)
+    }
+
+    /// Get ready for the names `cfg` asks to resolve: set up the DNS client (again
+    /// when `[resolver]` changed), forget names no longer asked for, and resolve
+    /// the new ones (all of them with a new client) now. Returns `cfg` with the
+    /// addresses filled in. A name that does not resolve is not an error: it is
+    /// logged, keeps its last good set, and is asked again soon.
+    async fn prepare(&mut self, cfg: &Config) -> Result<Config, String> {
+        let targets = discovery::targets(cfg);
+        if targets.is_empty() {
+            self.dns = None;
+            self.found.clear();
+            self.due.clear();
+            return Ok(cfg.clone());
+        }
+        let fresh = self.dns.as_ref().is_none_or(|d| d.settings != cfg.resolver);
+        let dns = match &self.dns {
+            Some(d) if !fresh => Arc::clone(d),
+            _ => Arc::new(Dns::new(&cfg.resolver)?),
+        };
+        self.dns = Some(Arc::clone(&dns));
+        self.found.retain(|t, _| targets.contains(t));
+        self.due.retain(|t, _| targets.contains(t));
+        let mut lookups = tokio::task::JoinSet::new();
+        for t in &targets {
+            if fresh || !self.found.contains_key(t) {
+                let (dns, t) = (Arc::clone(&dns), t.clone());
+                lookups.spawn(async move {
+                    let r = dns.resolve(&t).await;
+                    (t, r)
+                });
+            }
+        }
+        while let Some(done) = lookups.join_next().await {
+            if let Ok((t, r)) = done {
+                self.due.insert(t.clone(), Instant::now());
+                self.record(t, r);
+            }
+        }
+        for t in targets {
+            self.due.entry(t).or_insert_with(Instant::now);
+        }
+        Ok(discovery::fill(cfg, &self.found))
+    }
+
+    /// When the next resolution is due (none while there is nothing to resolve).
+    fn next_due(&self) -> Option<Instant> {
+        self.due
+            .iter()
+            .filter(|(t, _)| !self.pending.contains(*t))
+            .map(|(_, at)| *at)
+            .min()
+    }
+
+    /// Start the resolutions that are due; results come back on the channel.
+    fn start_due(&mut self) {
+        let Some(dns) = &self.dns else {
+            return;
+        };
+        let now = Instant::now();
+        for (t, at) in &self.due {
+            if *at <= now && self.pending.insert(t.clone()) {
+                let (dns, t, tx) = (Arc::clone(dns), t.clone(), self.tx.clone());
+                tokio::spawn(async move {
+                    let r = dns.resolve(&t).await;
+                    let _ = tx.send((t, r));
+                });
+            }
+        }
+    }
+
+    /// Take in a resolution's result and schedule the next; whether the name's
+    /// set of addresses changed. A failure keeps the last good set.
+    fn record(&mut self, t: Target, r: Result<(Vec<SocketAddr>, Duration), String>) -> bool {
+        self.pending.remove(&t);
+        if !self.due.contains_key(&t) {
+            // No longer asked for (a reload removed it meanwhile).
+            return false;
+        }
+        let interval = self
+            .dns
+            .as_ref()
+            .map_or(Duration::from_secs(5), |d| d.settings.resolve_interval);
+        match r {
+            Ok((addrs, next)) => {
+                self.due.insert(t.clone(), Instant::now() + next);
+                if self.found.get(&t) == Some(&addrs) {
+                    return false;
+                }
+                let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                let before = self.found.insert(t.clone(), addrs).map_or(0, |v| v.len());
+                tracing::info!(name = %t, addresses = %list.join(" "), before, "DNS: the set of addresses changed");
+                true
+            }
+            Err(e) => {
+                let kept = self.found.get(&t).map_or(0, Vec::len);
+                let retry = if kept == 0 {
+                    FIRST_ANSWER_RETRY.min(interval)
+                } else {
+                    interval
+                };
+                self.due.insert(t.clone(), Instant::now() + retry);
+                tracing::warn!(name = %t, error = %e, kept, "DNS: cannot resolve; keeping the last good set of addresses");
+                false
+            }
+        }
+    }
+}
+
+/// Log the changes a reload cannot apply to a running process.
+fn warn_restart_only(old: &Config, new: &Config, workers: usize) {
+    let mut keys = Vec::new();
+    if worker_count(new) != workers {
+        keys.push("server.workers");
+    }
+    if new.server.max_connections != old.server.max_connections {
+        keys.push("server.max_connections");
+    }
+    if new.admin.listen != old.admin.listen {
+        keys.push("admin.listen");
+    }
+    if new.log.access != old.log.access || new.log.format != old.log.format {
+        keys.push("log");
+    }
+    if !keys.is_empty() {
+        tracing::warn!(
+            keys = %keys.join(", "),
+            "these changes take effect at restart; the rest of the configuration is applied"
+        );
+    }
+}
+
+/// One worker: accept on the sockets the control thread hands over until
+/// shutdown, then wait (up to `shutdown_timeout`) for its connections to end.
 async fn worker(
     w: usize,
-    listeners: Vec<std::net::TcpListener>,
+    mut cmds: mpsc::UnboundedReceiver<ListenerCmd>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
     limit: Arc<Semaphore>,
 ) {
     let tracker = Arc::new(Tracker::default());
-    for l in listeners {
-        let l = match TcpListener::from_std(l) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot use listener");
-                continue;
-            }
-        };
-        tokio::spawn(accept_loop(
-            w,
-            l,
-            Arc::clone(&shared),
-            stop.clone(),
-            Arc::clone(&limit),
-            Arc::clone(&tracker),
-        ));
+    // Dropping a listener's sender stops its accept loop.
+    let mut accepting: Vec<(SocketAddr, oneshot::Sender<()>)> = Vec::new();
+    let mut stopping = stop.clone();
+    let mut commands_open = true;
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|v| *v) => break,
+            cmd = cmds.recv(), if commands_open => match cmd {
+                Some(ListenerCmd::Add(addr, l)) => {
+                    let l = match TcpListener::from_std(l) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!(worker = w, addr = %addr, error = %e, "cannot use listener");
+                            continue;
+                        }
+                    };
+                    let (close_tx, close_rx) = oneshot::channel();
+                    accepting.push((addr, close_tx));
+                    tokio::spawn(accept_loop(
+                        w,
+                        l,
+                        Arc::clone(&shared),
+                        stop.clone(),
+                        close_rx,
+                        Arc::clone(&limit),
+                        Arc::clone(&tracker),
+                    ));
+                }
+                Some(ListenerCmd::Remove(addr)) => accepting.retain(|(a, _)| *a != addr),
+                None => commands_open = false,
+            },
+        }
     }
-    let mut stop = stop;
-    let _ = stop.wait_for(|v| *v).await;
+    drop(accepting);
     let timeout = shared.runtime.load().config.server.shutdown_timeout;
     let deadline = Instant::now() + timeout;
     loop {
@@ -294,6 +693,7 @@ async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    mut close: oneshot::Receiver<()>,
     limit: Arc<Semaphore>,
     tracker: Arc<Tracker>,
 ) {
@@ -305,10 +705,12 @@ async fn accept_loop(
                 Err(_) => return,
             },
             _ = stop.wait_for(|v| *v) => return,
+            _ = &mut close => return,
         };
         let accepted = tokio::select! {
             a = listener.accept() => a,
             _ = stop.wait_for(|v| *v) => return,
+            _ = &mut close => return,
         };
         let (stream, remote) = match accepted {
             Ok(a) => a,

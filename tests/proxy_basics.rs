@@ -15,7 +15,10 @@ fn round_robin_spreads_requests_and_counts_them() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen.values().all(|&n| n == 10), "{seen:?}");
-    assert_eq!(f.metric_sum("ferry_http_requests_total", &["code=\"200\""]), 30.0);
+    assert_eq!(
+        f.metric_sum("ferry_http_requests_total", &["code=\"200\""]),
+        30.0
+    );
     let stub = f.admin_get("/stub_status");
     assert!(stub.contains(" 30 \nReading:"), "{stub}");
 }
