@@ -1,6 +1,9 @@
-//! The access log: entries go through a bounded channel to a writer thread, so a
-//! slow disk never stalls a request; when the channel is full the line is dropped
-//! and counted.
+//! The access log. Each worker formats its lines into a buffer of its own and
+//! hands full buffers (or, every 100 ms, what it has) through a bounded channel to
+//! a writer thread, so a slow disk never stalls a request: when the channel is
+//! full, the lines are dropped and counted. The request path pays for one small
+//! string (the request line and headers, taken when the request arrives) and
+//! the formatting of the line; no lock, no wake-up per line.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -13,8 +16,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{AccessLogTarget, LogFormat};
 
-/// Lines buffered between the request path and the writer.
-const QUEUE: usize = 16 * 1024;
+/// Batches buffered between the workers and the writer.
+const QUEUE: usize = 256;
+
+/// A worker hands its buffer over once it holds this much.
+const BATCH_BYTES: usize = 16 * 1024;
+
+/// A worker hands over what it has at least this often.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// What workers send the writer.
+enum Batch {
+    /// Formatted lines.
+    Lines(String),
+    /// Write out everything so far, then say so.
+    Sync(std::sync::mpsc::Sender<()>),
+}
 
 /// The peers a request was sent to: address, status, time. Inline for two.
 pub type Trail = smallvec::SmallVec<[(std::net::SocketAddr, u16, Duration); 2]>;
@@ -51,7 +68,8 @@ pub struct Entry {
 /// The sending side, cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AccessLog {
-    tx: Option<SyncSender<Entry>>,
+    tx: Option<SyncSender<Batch>>,
+    format: LogFormat,
     reopen: Arc<AtomicBool>,
     dropped: prometheus::IntCounter,
 }
@@ -61,6 +79,7 @@ impl AccessLog {
     pub fn off() -> AccessLog {
         AccessLog {
             tx: None,
+            format: LogFormat::Combined,
             reopen: Arc::new(AtomicBool::new(false)),
             dropped: prometheus::IntCounter::new("unused", "unused").expect("valid metric"),
         }
@@ -84,9 +103,10 @@ impl AccessLog {
         let flag = Arc::clone(&reopen);
         std::thread::Builder::new()
             .name("ferry-log".into())
-            .spawn(move || writer(rx, out, path, format, flag))?;
+            .spawn(move || writer(rx, out, path, flag))?;
         Ok(AccessLog {
             tx: Some(tx),
+            format,
             reopen,
             dropped,
         })
@@ -98,13 +118,89 @@ impl AccessLog {
         self.tx.is_some()
     }
 
-    /// Queue an entry; drop it (and count it) when the writer is behind.
-    pub fn log(&self, e: Entry) {
-        if let Some(tx) = &self.tx {
-            match tx.try_send(e) {
+    /// The request's part of its log line, taken when it arrives (`None` when
+    /// the log is off).
+    pub fn request_part(&self, req: &http::Request<impl Sized>) -> Option<RequestPart> {
+        self.tx.as_ref()?;
+        let h = req.headers();
+        Some(RequestPart::new(
+            self.format,
+            req.method(),
+            req.uri(),
+            req.version(),
+            h.get(http::header::REFERER),
+            h.get(http::header::USER_AGENT),
+        ))
+    }
+
+    /// Log a finished request: format its line into this worker's buffer.
+    pub fn finish(&self, part: &RequestPart, end: &End<'_>) {
+        if self.tx.is_none() {
+            return;
+        }
+        let (full, flusher) = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            let l = &mut *l;
+            line(&mut l.buf, self.format, &mut l.clock, part, end);
+            l.lines += 1;
+            (l.buf.len() >= BATCH_BYTES, l.flusher)
+        });
+        let flusher = match flusher {
+            Some(running) => running,
+            None => {
+                // First line on this thread: a worker runtime hands its buffer
+                // over on a timer too; a thread without one hands over every line.
+                let running = tokio::runtime::Handle::try_current().is_ok();
+                if running {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        let mut tick = tokio::time::interval(FLUSH_EVERY);
+                        loop {
+                            tick.tick().await;
+                            me.hand_over();
+                        }
+                    });
+                }
+                LOCAL.with(|l| l.borrow_mut().flusher = Some(running));
+                running
+            }
+        };
+        if full || !flusher {
+            self.hand_over();
+        }
+    }
+
+    /// Give this worker's buffered lines to the writer now (a worker that stops).
+    pub fn flush(&self) {
+        self.hand_over();
+    }
+
+    /// Wait (a little) until the writer has written everything handed over.
+    pub fn close(&self) {
+        let Some(tx) = &self.tx else { return };
+        let (ack, done) = std::sync::mpsc::channel();
+        if tx.send(Batch::Sync(ack)).is_ok() {
+            let _ = done.recv_timeout(Duration::from_secs(2));
+        }
+    }
+
+    /// Give this worker's buffered lines to the writer (dropped and counted when
+    /// the writer is behind).
+    fn hand_over(&self) {
+        let Some(tx) = &self.tx else { return };
+        let batch = LOCAL.with(|l| {
+            let mut l = l.borrow_mut();
+            if l.lines == 0 {
+                return None;
+            }
+            let buf = std::mem::replace(&mut l.buf, String::with_capacity(BATCH_BYTES + 1024));
+            Some((buf, std::mem::take(&mut l.lines)))
+        });
+        if let Some((buf, lines)) = batch {
+            match tx.try_send(Batch::Lines(buf)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                    self.dropped.inc();
+                    self.dropped.inc_by(lines);
                 }
             }
         }
@@ -132,17 +228,14 @@ fn open(path: Option<&PathBuf>) -> std::io::Result<Box<dyn std::io::Write + Send
 /// every 500 ms, so a reopen asked for by SIGUSR1 happens within that even
 /// when no request comes.
 fn writer(
-    rx: Receiver<Entry>,
+    rx: Receiver<Batch>,
     mut out: Box<dyn std::io::Write + Send>,
     path: Option<PathBuf>,
-    format: LogFormat,
     reopen: Arc<AtomicBool>,
 ) {
-    let mut buf = String::with_capacity(64 * 1024);
-    let mut clock = Clock::default();
     loop {
         let first = match rx.recv_timeout(Duration::from_millis(500)) {
-            Ok(e) => Some(e),
+            Ok(b) => Some(b),
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
@@ -160,28 +253,22 @@ fn writer(
             }
         }
         let Some(first) = first else { continue };
-        // Let a batch gather: while the writer sleeps, queuing a line costs the
-        // request path no wake-up.
-        std::thread::sleep(BATCH_WAIT);
-        buf.clear();
-        format_with(&mut buf, &first, format, &mut clock);
-        loop {
-            match rx.try_recv() {
-                Ok(e) => format_with(&mut buf, &e, format, &mut clock),
-                Err(_) => break,
+        let mut next = Some(first);
+        while let Some(batch) = next {
+            match batch {
+                Batch::Lines(buf) => {
+                    let _ = out.write_all(buf.as_bytes());
+                }
+                Batch::Sync(ack) => {
+                    let _ = out.flush();
+                    let _ = ack.send(());
+                }
             }
-            if buf.len() >= 60 * 1024 {
-                let _ = out.write_all(buf.as_bytes());
-                buf.clear();
-            }
+            next = rx.try_recv().ok();
         }
-        let _ = out.write_all(buf.as_bytes());
         let _ = out.flush();
     }
 }
-
-/// How long the writer lets lines gather before writing a batch.
-const BATCH_WAIT: Duration = Duration::from_millis(20);
 
 /// `$time_local` of the last second formatted, reused within that second.
 #[derive(Default)]
@@ -201,35 +288,124 @@ impl Clock {
     }
 }
 
-fn format_with(buf: &mut String, e: &Entry, format: LogFormat, clock: &mut Clock) {
-    match format {
-        LogFormat::Combined => combined(buf, e, clock),
-        LogFormat::Json => json(buf, e, clock),
+/// This worker's buffered lines.
+#[derive(Default)]
+struct Local {
+    buf: String,
+    lines: u64,
+    clock: Clock,
+    /// Whether a timer hands this thread's buffer over (`None`: not known yet).
+    flusher: Option<bool>,
+}
+
+thread_local! {
+    static LOCAL: std::cell::RefCell<Local> = std::cell::RefCell::new(Local::default());
+}
+
+/// Append one formatted line (with newline) for `e`.
+pub fn format_entry(buf: &mut String, e: &Entry, format: LogFormat) {
+    let part = RequestPart::new(
+        format,
+        &e.method,
+        &e.uri,
+        e.version,
+        e.referer.as_ref(),
+        e.user_agent.as_ref(),
+    );
+    let end = End {
+        remote: e.remote,
+        time: e.time,
+        status: e.status,
+        bytes: e.bytes,
+        upstreams: &e.upstreams,
+        request_time: e.request_time,
+        note: e.note,
+    };
+    line(buf, format, &mut Clock::default(), &part, &end);
+}
+
+/// The part of a line known when the request arrives: the request line, then
+/// (after `split`) Referer and User-Agent, already in the log's format.
+#[derive(Debug)]
+pub struct RequestPart {
+    text: String,
+    split: usize,
+}
+
+impl RequestPart {
+    fn new(
+        format: LogFormat,
+        method: &http::Method,
+        uri: &http::Uri,
+        version: http::Version,
+        referer: Option<&http::HeaderValue>,
+        user_agent: Option<&http::HeaderValue>,
+    ) -> RequestPart {
+        let mut text = String::with_capacity(128);
+        match format {
+            LogFormat::Combined => {
+                let _ = write!(text, "\"{method} {uri} {version:?}\"");
+                let split = text.len();
+                let _ = write!(text, "\"{}\" \"{}\"", hv(referer), hv(user_agent));
+                RequestPart { text, split }
+            }
+            LogFormat::Json => {
+                text.push_str("\"method\":");
+                json_str(&mut text, method.as_str());
+                text.push_str(",\"uri\":");
+                json_str(&mut text, &uri.to_string());
+                text.push_str(",\"protocol\":");
+                json_str(&mut text, &format!("{version:?}"));
+                let split = text.len();
+                text.push_str(",\"http_referer\":");
+                json_str(&mut text, hv(referer));
+                text.push_str(",\"http_user_agent\":");
+                json_str(&mut text, hv(user_agent));
+                RequestPart { text, split }
+            }
+        }
     }
 }
 
-/// Append one formatted line (with newline).
-pub fn format_entry(buf: &mut String, e: &Entry, format: LogFormat) {
-    format_with(buf, e, format, &mut Clock::default());
+fn hv(v: Option<&http::HeaderValue>) -> &str {
+    v.and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
 
-fn hv(v: &Option<http::HeaderValue>) -> &str {
-    v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
+/// What is known when the response ends.
+#[derive(Debug)]
+pub struct End<'a> {
+    /// Client address.
+    pub remote: IpAddr,
+    /// When the response ended.
+    pub time: SystemTime,
+    /// Status sent to the client.
+    pub status: u16,
+    /// Body bytes sent to the client.
+    pub bytes: u64,
+    /// Every peer tried, in order, with its status (0 = no response) and time.
+    pub upstreams: &'a Trail,
+    /// Time from request head to the end of the response.
+    pub request_time: Duration,
+    /// Why ferry answered itself (502, 504, 404 ...), if it did.
+    pub note: Option<&'static str>,
 }
 
-fn combined(buf: &mut String, e: &Entry, clock: &mut Clock) {
+fn line(buf: &mut String, format: LogFormat, clock: &mut Clock, part: &RequestPart, end: &End<'_>) {
+    match format {
+        LogFormat::Combined => combined(buf, clock, part, end),
+        LogFormat::Json => json(buf, clock, part, end),
+    }
+}
+
+fn combined(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
+    let (request, headers) = part.text.split_at(part.split);
     let _ = write!(
         buf,
-        "{} - - [{}] \"{} {} {:?}\" {} {} \"{}\" \"{}\" ",
+        "{} - - [{}] {request} {} {} {headers} ",
         e.remote,
         clock.local(e.time),
-        e.method,
-        e.uri,
-        e.version,
         e.status,
         e.bytes,
-        hv(&e.referer),
-        hv(&e.user_agent),
     );
     if e.upstreams.is_empty() {
         buf.push_str("- - -");
@@ -275,36 +451,24 @@ fn json_str(buf: &mut String, s: &str) {
     buf.push('"');
 }
 
-fn json(buf: &mut String, e: &Entry, clock: &mut Clock) {
+fn json(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
+    let (request, headers) = part.text.split_at(part.split);
     buf.push_str("{\"time\":");
     json_str(buf, clock.local(e.time));
-    buf.push_str(",\"remote_addr\":");
-    json_str(buf, &e.remote.to_string());
-    buf.push_str(",\"method\":");
-    json_str(buf, e.method.as_str());
-    buf.push_str(",\"uri\":");
-    json_str(buf, &e.uri.to_string());
-    buf.push_str(",\"protocol\":");
-    json_str(buf, &format!("{:?}", e.version));
+    let _ = write!(buf, ",\"remote_addr\":\"{}\",{request}", e.remote);
     let _ = write!(
         buf,
-        ",\"status\":{},\"body_bytes_sent\":{}",
+        ",\"status\":{},\"body_bytes_sent\":{}{headers}",
         e.status, e.bytes
     );
-    buf.push_str(",\"http_referer\":");
-    json_str(buf, hv(&e.referer));
-    buf.push_str(",\"http_user_agent\":");
-    json_str(buf, hv(&e.user_agent));
     buf.push_str(",\"upstreams\":[");
     for (i, (addr, status, t)) in e.upstreams.iter().enumerate() {
         if i > 0 {
             buf.push(',');
         }
-        let _ = write!(buf, "{{\"addr\":\"{addr}\"");
         let _ = write!(
             buf,
-            ",\"status\":{},\"response_time\":{:.3}}}",
-            status,
+            "{{\"addr\":\"{addr}\",\"status\":{status},\"response_time\":{:.3}}}",
             t.as_secs_f64()
         );
     }

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::time::{Instant, Sleep};
 
-use crate::accesslog::{AccessLog, Entry};
+use crate::accesslog::{AccessLog, End, RequestPart, Trail};
 use crate::balance::RequestKey;
 use crate::body::{BoxError, ReadError, ReqBody, is_body_too_large};
 use crate::client::{self, Conn, ConnectError};
@@ -277,17 +277,9 @@ struct Done {
     status: u16,
     bytes: u64,
     complete: bool,
-    log: Option<Box<LogInfo>>,
+    log: Option<RequestPart>,
+    trail: Trail,
     note: Option<&'static str>,
-}
-
-struct LogInfo {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    referer: Option<HeaderValue>,
-    user_agent: Option<HeaderValue>,
-    upstreams: crate::accesslog::Trail,
 }
 
 impl Drop for Done {
@@ -301,22 +293,19 @@ impl Drop for Done {
         {
             h.observe(elapsed.as_secs_f64());
         }
-        if let Some(info) = self.log.take() {
-            let info = *info;
-            self.ctx.shared.log.log(Entry {
-                remote: self.ctx.remote.ip(),
-                time: SystemTime::now(),
-                method: info.method,
-                uri: info.uri,
-                version: info.version,
-                status: self.status,
-                bytes: self.bytes,
-                referer: info.referer,
-                user_agent: info.user_agent,
-                upstreams: info.upstreams,
-                request_time: elapsed,
-                note: self.note,
-            });
+        if let Some(part) = &self.log {
+            self.ctx.shared.log.finish(
+                part,
+                &End {
+                    remote: self.ctx.remote.ip(),
+                    time: SystemTime::now(),
+                    status: self.status,
+                    bytes: self.bytes,
+                    upstreams: &self.trail,
+                    request_time: elapsed,
+                    note: self.note,
+                },
+            );
         }
         self.ctx.state.request_finished();
     }
@@ -390,16 +379,7 @@ pub async fn handle(
     let start = Instant::now();
     let rt = ctx.shared.runtime.load_full();
 
-    let log = ctx.shared.log.enabled().then(|| {
-        Box::new(LogInfo {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            referer: req.headers().get(header::REFERER).cloned(),
-            user_agent: req.headers().get(header::USER_AGENT).cloned(),
-            upstreams: crate::accesslog::Trail::new(),
-        })
-    });
+    let log = ctx.shared.log.request_part(&req);
     let mut done = Done {
         ctx: Arc::clone(&ctx),
         up: None,
@@ -410,6 +390,7 @@ pub async fn handle(
         bytes: 0,
         complete: false,
         log,
+        trail: Trail::new(),
         note: None,
     };
 
@@ -758,8 +739,8 @@ async fn forward(
             Ok((resp, tx)) => {
                 let status = resp.status();
                 peer.stats.count_status(status.as_u16());
-                if let Some(l) = done.log.as_mut() {
-                    l.upstreams.push((peer.addr, status.as_u16(), took));
+                if done.log.is_some() {
+                    done.trail.push((peer.addr, status.as_u16(), took));
                 }
                 if let Some(h) = up.header_hists.get(pos) {
                     h.observe(took.as_secs_f64());
@@ -815,8 +796,8 @@ async fn forward(
                         "upstream error",
                     )
                 };
-                if let Some(l) = done.log.as_mut() {
-                    l.upstreams.push((peer.addr, status.as_u16(), took));
+                if done.log.is_some() {
+                    done.trail.push((peer.addr, status.as_u16(), took));
                 }
                 peer.stats.count_fail(reason);
                 if e.counts_against_peer() && peer.record_failure(now) {

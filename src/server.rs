@@ -270,7 +270,11 @@ pub fn run(
                         return;
                     }
                 };
+                let log = shared.log.clone();
                 rt.block_on(worker(w, cmds, shared, stop, limit));
+                // Connections cut at shutdown log their lines as the runtime drops them.
+                drop(rt);
+                log.flush();
             })
             .map_err(|e| StartError(format!("cannot start worker thread: {e}")))?;
         threads.push(t);
@@ -313,6 +317,7 @@ pub fn run(
     for t in threads {
         let _ = t.join();
     }
+    shared.log.close();
     tracing::info!("stopped");
     Ok(())
 }

@@ -1030,6 +1030,14 @@ fn access_log_file_is_reopened_on_sigusr1() {
         &format!("access = \"{}\"\nformat = \"combined\"", log.display()),
     ));
     requests(&f, "/before-rotation", 3, 200);
+    // Workers hand their lines to the writer in batches: wait for all three.
+    assert!(wait_until(DEADLINE, || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("/before-rotation")
+            .count()
+            >= 3
+    }));
     let old = wait_file_contains(&log, "/before-rotation");
     assert!(
         old.contains(&b.list[0].addr.to_string()),
