@@ -51,6 +51,9 @@ pub struct Ctx {
     pub state: Arc<ConnState>,
     /// `http` or `https`, for X-Forwarded-Proto.
     pub scheme: &'static str,
+    /// The client's address as a header value (X-Real-IP, X-Forwarded-For), made
+    /// once per connection.
+    pub client_ip: HeaderValue,
 }
 
 /// Headers never forwarded (RFC 9110 hop-by-hop, plus the legacy ones).
@@ -73,31 +76,49 @@ static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// Remove hop-by-hop headers, including those named by `Connection`. Returns true
 /// when the message asked for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
 fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
+    // One pass over the names first: most messages carry none of these, or only
+    // `Connection`, and every lookup or removal hashes a name.
+    let mut found = 0u16;
+    let mut has_upgrade = false;
+    for name in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == name) {
+            found |= 1 << i;
+        } else if name == header::UPGRADE {
+            has_upgrade = true;
+        }
+    }
+    if found == 0 && !has_upgrade {
+        return false;
+    }
     let mut upgrade = false;
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| {
+    if found & 1 != 0 {
+        // HOP_BY_HOP[0] is Connection: remove the headers it names too.
+        let mut named: smallvec::SmallVec<[HeaderName; 2]> = smallvec::SmallVec::new();
+        for v in h.get_all(header::CONNECTION) {
+            for t in v.to_str().unwrap_or("").split(',') {
                 let t = t.trim();
                 if t.eq_ignore_ascii_case("upgrade") {
                     upgrade = true;
-                    return None;
+                } else if !t.is_empty()
+                    && !t.eq_ignore_ascii_case("keep-alive")
+                    && !t.eq_ignore_ascii_case("close")
+                    && let Ok(n) = HeaderName::from_bytes(t.as_bytes())
+                {
+                    named.push(n);
                 }
-                HeaderName::from_bytes(t.as_bytes()).ok()
-            })
-            .collect();
+            }
+        }
         for n in named {
             h.remove(n);
         }
     }
-    for n in &HOP_BY_HOP {
-        h.remove(n);
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
-    upgrade &= h.contains_key(header::UPGRADE);
-    if !upgrade {
+    upgrade &= has_upgrade;
+    if has_upgrade && !upgrade {
         h.remove(header::UPGRADE);
     }
     upgrade
@@ -485,8 +506,7 @@ fn upstream_request(
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    let ip = ctx.remote.ip();
-    let ip_value = HeaderValue::from_str(&ip.to_string()).unwrap_or(HeaderValue::from_static(""));
+    let ip_value = ctx.client_ip.clone();
     // Every incoming X-Forwarded-For line, joined, then the client (nginx's
     // $proxy_add_x_forwarded_for): a second line must not drop the chain.
     let mut chain: Vec<u8> = Vec::new();
@@ -494,8 +514,12 @@ fn upstream_request(
         chain.extend_from_slice(v.as_bytes());
         chain.extend_from_slice(b", ");
     }
-    chain.extend_from_slice(ip_value.as_bytes());
-    let xff = HeaderValue::from_bytes(&chain).unwrap_or(ip_value.clone());
+    let xff = if chain.is_empty() {
+        ip_value.clone()
+    } else {
+        chain.extend_from_slice(ip_value.as_bytes());
+        HeaderValue::from_bytes(&chain).unwrap_or(ip_value.clone())
+    };
     h.insert(&X_FORWARDED_FOR, xff);
     h.insert(&X_REAL_IP, ip_value);
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));

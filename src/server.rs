@@ -760,6 +760,8 @@ async fn serve_connection(
         remote,
         state: Arc::clone(&state),
         scheme: "http",
+        client_ip: http::HeaderValue::from_str(&remote.ip().to_string())
+            .unwrap_or(http::HeaderValue::from_static("")),
     });
     let io = TokioIo::new(ClientIo::new(stream, Arc::clone(&state)));
     let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
