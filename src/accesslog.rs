@@ -367,6 +367,18 @@ impl RequestPart {
     }
 }
 
+/// Seconds with millisecond resolution, as nginx writes times (`0.012`), without
+/// going through floating point.
+struct Secs(Duration);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Rounded to the nearest millisecond, as `{:.3}` of the seconds would be.
+        let ms = (self.0.as_micros() + 500) / 1000;
+        write!(f, "{}.{:03}", ms / 1000, ms % 1000)
+    }
+}
+
 fn hv(v: Option<&http::HeaderValue>) -> &str {
     v.and_then(|v| v.to_str().ok()).unwrap_or("-")
 }
@@ -426,10 +438,10 @@ fn combined(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>
         buf.push(' ');
         for (i, (_, _, t)) in e.upstreams.iter().enumerate() {
             let sep = if i > 0 { ", " } else { "" };
-            let _ = write!(buf, "{sep}{:.3}", t.as_secs_f64());
+            let _ = write!(buf, "{sep}{}", Secs(*t));
         }
     }
-    let _ = write!(buf, " {:.3}", e.request_time.as_secs_f64());
+    let _ = write!(buf, " {}", Secs(e.request_time));
     if let Some(n) = e.note {
         let _ = write!(buf, " \"{n}\"");
     }
@@ -468,15 +480,11 @@ fn json(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
         }
         let _ = write!(
             buf,
-            "{{\"addr\":\"{addr}\",\"status\":{status},\"response_time\":{:.3}}}",
-            t.as_secs_f64()
+            "{{\"addr\":\"{addr}\",\"status\":{status},\"response_time\":{}}}",
+            Secs(*t)
         );
     }
-    let _ = write!(
-        buf,
-        "],\"request_time\":{:.3}",
-        e.request_time.as_secs_f64()
-    );
+    let _ = write!(buf, "],\"request_time\":{}", Secs(e.request_time));
     if let Some(n) = e.note {
         buf.push_str(",\"note\":");
         json_str(buf, n);
@@ -545,6 +553,19 @@ mod tests {
             ],
             request_time: Duration::from_millis(15),
             note: None,
+        }
+    }
+
+    #[test]
+    fn seconds_have_three_decimals() {
+        for (d, want) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_micros(499), "0.000"),
+            (Duration::from_micros(500), "0.001"),
+            (Duration::from_millis(12), "0.012"),
+            (Duration::from_millis(61_234), "61.234"),
+        ] {
+            assert_eq!(Secs(d).to_string(), want);
         }
     }
 
