@@ -34,7 +34,7 @@ enum Batch {
 }
 
 /// The peers a request was sent to: address, status, time. Inline for two.
-pub type Trail = smallvec::SmallVec<[(std::net::SocketAddr, u16, Duration); 2]>;
+pub type Trail = smallvec::SmallVec<[(Arc<str>, u16, Duration); 2]>;
 
 /// One finished request.
 #[derive(Debug, Clone)]
@@ -312,8 +312,9 @@ pub fn format_entry(buf: &mut String, e: &Entry, format: LogFormat) {
         e.referer.as_ref(),
         e.user_agent.as_ref(),
     );
+    let remote = e.remote.to_string();
     let end = End {
-        remote: e.remote,
+        remote: &remote,
         time: e.time,
         status: e.status,
         bytes: e.bytes,
@@ -344,9 +345,19 @@ impl RequestPart {
         let mut text = String::with_capacity(128);
         match format {
             LogFormat::Combined => {
-                let _ = write!(text, "\"{method} {uri} {version:?}\"");
+                text.push('"');
+                text.push_str(method.as_str());
+                text.push(' ');
+                push_target(&mut text, uri);
+                text.push(' ');
+                text.push_str(version_str(version));
+                text.push('"');
                 let split = text.len();
-                let _ = write!(text, "\"{}\" \"{}\"", hv(referer), hv(user_agent));
+                for (i, v) in [referer, user_agent].into_iter().enumerate() {
+                    text.push_str(if i == 0 { "\"" } else { " \"" });
+                    text.push_str(hv(v));
+                    text.push('"');
+                }
                 RequestPart { text, split }
             }
             LogFormat::Json => {
@@ -373,10 +384,54 @@ struct Secs(Duration);
 
 impl std::fmt::Display for Secs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Rounded to the nearest millisecond, as `{:.3}` of the seconds would be.
-        let ms = (self.0.as_micros() + 500) / 1000;
-        write!(f, "{}.{:03}", ms / 1000, ms % 1000)
+        let mut s = String::with_capacity(12);
+        push_secs(&mut s, self.0);
+        f.write_str(&s)
     }
+}
+
+/// The request target as received (origin form without formatting machinery).
+fn push_target(text: &mut String, uri: &http::Uri) {
+    match uri.path_and_query() {
+        Some(pq) if uri.scheme().is_none() && uri.authority().is_none() => {
+            text.push_str(pq.as_str())
+        }
+        _ => {
+            let _ = write!(text, "{uri}");
+        }
+    }
+}
+
+fn version_str(v: http::Version) -> &'static str {
+    match v {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}
+
+/// Append an integer without the formatting machinery.
+fn push_int(buf: &mut String, n: impl itoa::Integer) {
+    buf.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Append seconds with millisecond resolution (`0.012`), as nginx writes times.
+fn push_secs(buf: &mut String, d: Duration) {
+    // Rounded to the nearest millisecond, as `{:.3}` of the seconds would be.
+    let ms = (d.as_micros() as u64).saturating_add(500) / 1000;
+    push_int(buf, ms / 1000);
+    buf.push('.');
+    let frac = ms % 1000;
+    if frac < 100 {
+        buf.push('0');
+    }
+    if frac < 10 {
+        buf.push('0');
+    }
+    push_int(buf, frac);
 }
 
 fn hv(v: Option<&http::HeaderValue>) -> &str {
@@ -386,8 +441,8 @@ fn hv(v: Option<&http::HeaderValue>) -> &str {
 /// What is known when the response ends.
 #[derive(Debug)]
 pub struct End<'a> {
-    /// Client address.
-    pub remote: IpAddr,
+    /// Client address, as text.
+    pub remote: &'a str,
     /// When the response ended.
     pub time: SystemTime,
     /// Status sent to the client.
@@ -411,39 +466,45 @@ fn line(buf: &mut String, format: LogFormat, clock: &mut Clock, part: &RequestPa
 
 fn combined(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
     let (request, headers) = part.text.split_at(part.split);
-    let _ = write!(
-        buf,
-        "{} - - [{}] {request} {} {} {headers} ",
-        e.remote,
-        clock.local(e.time),
-        e.status,
-        e.bytes,
-    );
+    buf.push_str(e.remote);
+    buf.push_str(" - - [");
+    buf.push_str(clock.local(e.time));
+    buf.push_str("] ");
+    buf.push_str(request);
+    buf.push(' ');
+    push_int(buf, e.status);
+    buf.push(' ');
+    push_int(buf, e.bytes);
+    buf.push(' ');
+    buf.push_str(headers);
+    buf.push(' ');
     if e.upstreams.is_empty() {
         buf.push_str("- - -");
     } else {
         for (i, (addr, _, _)) in e.upstreams.iter().enumerate() {
-            let _ = write!(buf, "{}{addr}", if i > 0 { ", " } else { "" });
+            buf.push_str(if i > 0 { ", " } else { "" });
+            buf.push_str(addr);
         }
         buf.push(' ');
         for (i, (_, status, _)) in e.upstreams.iter().enumerate() {
             buf.push_str(if i > 0 { ", " } else { "" });
             match status {
                 0 => buf.push('-'),
-                s => {
-                    let _ = write!(buf, "{s}");
-                }
+                s => push_int(buf, *s),
             }
         }
         buf.push(' ');
         for (i, (_, _, t)) in e.upstreams.iter().enumerate() {
-            let sep = if i > 0 { ", " } else { "" };
-            let _ = write!(buf, "{sep}{}", Secs(*t));
+            buf.push_str(if i > 0 { ", " } else { "" });
+            push_secs(buf, *t);
         }
     }
-    let _ = write!(buf, " {}", Secs(e.request_time));
+    buf.push(' ');
+    push_secs(buf, e.request_time);
     if let Some(n) = e.note {
-        let _ = write!(buf, " \"{n}\"");
+        buf.push_str(" \"");
+        buf.push_str(n);
+        buf.push('"');
     }
     buf.push('\n');
 }
@@ -544,12 +605,8 @@ mod tests {
             referer: None,
             user_agent: Some(http::HeaderValue::from_static("curl/8")),
             upstreams: smallvec::smallvec![
-                ("10.0.0.1:80".parse().unwrap(), 0, Duration::from_millis(3)),
-                (
-                    "10.0.0.2:80".parse().unwrap(),
-                    200,
-                    Duration::from_millis(12)
-                ),
+                ("10.0.0.1:80".into(), 0, Duration::from_millis(3)),
+                ("10.0.0.2:80".into(), 200, Duration::from_millis(12)),
             ],
             request_time: Duration::from_millis(15),
             note: None,

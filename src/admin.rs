@@ -295,10 +295,10 @@ fn peer_action(shared: &Shared, upstream: &str, peer: &str, action: &str) -> Ans
     };
     let matched: Vec<&Arc<Peer>> = up
         .peers()
-        .filter(|p| p.addr_str == peer || p.params.name.eq_ignore_ascii_case(peer))
+        .filter(|p| &*p.addr_str == peer || p.params.name.eq_ignore_ascii_case(peer))
         .collect();
     if matched.is_empty() {
-        let addrs: Vec<&str> = up.peers().map(|p| p.addr_str.as_str()).collect();
+        let addrs: Vec<&str> = up.peers().map(|p| &*p.addr_str).collect();
         return json_error(
             StatusCode::NOT_FOUND,
             format!(
@@ -335,7 +335,7 @@ fn health_check(checked: bool, healthy: bool) -> &'static str {
 fn peer_json(p: &Peer, checked: bool, now: u64) -> serde_json::Value {
     let fails_total: u64 = FailReason::ALL.iter().map(|r| p.stats.fails(*r)).sum();
     serde_json::json!({
-        "addr": p.addr_str,
+        "addr": &*p.addr_str,
         "name": p.params.name,
         "backup": p.params.backup,
         "state": peer_state(p, now),

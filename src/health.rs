@@ -142,7 +142,7 @@ async fn probe(peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let conn = tokio::spawn(conn);
-    let host = hc.host.clone().unwrap_or_else(|| peer.addr_str.clone());
+    let host = hc.host.clone().unwrap_or_else(|| peer.addr_str.to_string());
     let req = Request::get(hc.path.as_str())
         .header(header::HOST, host)
         .header(header::USER_AGENT, "ferry-health-check")

@@ -56,7 +56,7 @@ pub struct Peer {
     /// The socket address connected to.
     pub addr: SocketAddr,
     /// `addr` formatted once, for logs, metrics and headers.
-    pub addr_str: String,
+    pub addr_str: std::sync::Arc<str>,
     /// Static parameters.
     pub params: PeerParams,
     in_flight: AtomicU32,
@@ -187,7 +187,7 @@ impl Peer {
         Peer {
             id: NEXT_ID.fetch_add(1, Relaxed) as usize,
             addr,
-            addr_str: addr.to_string(),
+            addr_str: addr.to_string().into(),
             params,
             in_flight: AtomicU32::new(0),
             fails: AtomicU32::new(0),

@@ -318,7 +318,7 @@ impl Drop for Done {
             self.ctx.shared.log.finish(
                 part,
                 &End {
-                    remote: self.ctx.remote.ip(),
+                    remote: self.ctx.client_ip.to_str().unwrap_or("-"),
                     time: SystemTime::now(),
                     status: self.status,
                     bytes: self.bytes,
@@ -764,7 +764,8 @@ async fn forward(
                 let status = resp.status();
                 peer.stats.count_status(status.as_u16());
                 if done.log.is_some() {
-                    done.trail.push((peer.addr, status.as_u16(), took));
+                    done.trail
+                        .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
                 }
                 if let Some(h) = up.header_hists.get(pos) {
                     h.observe(took.as_secs_f64());
@@ -821,7 +822,8 @@ async fn forward(
                     )
                 };
                 if done.log.is_some() {
-                    done.trail.push((peer.addr, status.as_u16(), took));
+                    done.trail
+                        .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
                 }
                 peer.stats.count_fail(reason);
                 if e.counts_against_peer() && peer.record_failure(now) {

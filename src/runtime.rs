@@ -278,7 +278,7 @@ impl Runtime {
                     .map(|p| {
                         metrics
                             .header_time
-                            .with_label_values(&[u.name.as_str(), p.addr_str.as_str()])
+                            .with_label_values(&[u.name.as_str(), &*p.addr_str])
                     })
                     .collect();
                 Arc::new(Upstream {
