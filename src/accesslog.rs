@@ -112,12 +112,6 @@ impl AccessLog {
         })
     }
 
-    /// Whether entries are wanted at all (skip building them when off).
-    #[inline]
-    pub fn enabled(&self) -> bool {
-        self.tx.is_some()
-    }
-
     /// The request's part of its log line, taken when it arrives (`None` when
     /// the log is off).
     pub fn request_part(&self, req: &http::Request<impl Sized>) -> Option<RequestPart> {

@@ -145,11 +145,6 @@ async fn sweep_forever() {
     }
 }
 
-/// Idle connections this worker holds for `peer`.
-pub fn idle_count(peer: &Peer) -> usize {
-    POOL.with(|pool| pool.borrow().idle.get(&peer.id).map_or(0, Vec::len))
-}
-
 /// Open a new connection to `peer` within `timeout`.
 pub async fn connect(peer: &Peer, timeout: Duration) -> Result<Conn, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(peer.addr)).await {

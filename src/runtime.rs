@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::AtomicU64;
 
 use crate::balance::{self, KeyTemplate, Strategy};
 use crate::config::{Config, HostMatch, UpstreamConfig};
@@ -311,11 +311,6 @@ pub fn reset_all_fails(up: &Upstream) {
     for p in up.peers() {
         p.reset_fails();
     }
-}
-
-/// Count a retry.
-pub fn count_retry(up: &Upstream) {
-    up.stats.retries.fetch_add(1, Relaxed);
 }
 
 #[cfg(test)]

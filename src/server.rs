@@ -826,8 +826,3 @@ async fn serve_connection(
     }
     state.close();
 }
-
-/// Where the config file lives, for reloads.
-pub fn config_path(cfg: &Config) -> PathBuf {
-    cfg.path.clone()
-}
