@@ -435,18 +435,16 @@ pub async fn handle(
     let (mut parts, kind) = resp.into_parts();
     done.status = parts.status.as_u16();
     if let Kind::Full(_) = kind
+        && had_body
         && (parts.status.is_server_error() || parts.status.is_client_error())
     {
-        // ferry's own error page: do not keep a connection whose request body
-        // may be unread.
+        // ferry's own error page to a request whose body may be unread: close
+        // the connection, but let the client finish sending first, or it may
+        // see a reset instead of this answer. Without a body, keep-alive stays.
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        if had_body {
-            // Let the client finish sending before the close, or it may see
-            // a reset instead of this answer.
-            ctx.state.linger_on_close();
-        }
+        ctx.state.linger_on_close();
     }
     Ok(Response::from_parts(
         parts,

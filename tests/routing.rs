@@ -124,3 +124,30 @@ fn no_route_is_a_404_from_ferry() {
     let served: Vec<u64> = b.list.iter().map(|b| b.served.load(Relaxed)).collect();
     assert_eq!(served, [0, 1, 0]);
 }
+
+#[test]
+fn ferrys_own_errors_keep_a_bodyless_connection_alive() {
+    let b = Backends::start(1);
+    let dead = closed_port();
+    let cfg = ferry_config(
+        "",
+        "",
+        &(upstream("a", &[&b.list[0]])
+            + &format!("[[upstream]]\nname = \"dead\"\n[[upstream.server]]\naddr = \"{dead}\"\n")
+            + &route("ferry.test", "/a", "a")
+            + &route("ferry.test", "/dead", "dead")),
+    );
+    let f = Ferry::start(&cfg);
+    let mut c = RawConn::connect(f.addr);
+    // 404 (no route), then 502 (refused), then a 200 — all on one connection,
+    // as nginx keeps it: nothing of a request body is left unread.
+    let r = c.request("GET", "/nowhere", &[]);
+    assert_eq!(r.status, 404);
+    assert_ne!(r.header("connection"), Some("close"));
+    let r = c.request("GET", "/dead", &[]);
+    assert_eq!(r.status, 502);
+    assert_ne!(r.header("connection"), Some("close"));
+    let r = c.request("GET", "/a", &[]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(stub_accepts(&f.admin_get("/stub_status")), 1);
+}
