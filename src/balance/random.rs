@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::least_conn::load_cmp;
-use super::{RequestKey, Strategy, candidates, commit};
+use super::{RequestKey, Strategy, available, candidates, commit};
 use crate::peer::{Peer, Tried};
 
 /// `random`: a usable peer drawn with probability proportional to its weight;
@@ -17,6 +17,9 @@ pub struct Random {
     two: bool,
     /// wyrand state of this instance (one worker thread touches it).
     seed: AtomicU64,
+    /// Running sums of the peers' weights, made on the first pick (the peer
+    /// list of an instance never changes).
+    prefix: std::sync::OnceLock<Box<[u64]>>,
 }
 
 impl Random {
@@ -30,6 +33,7 @@ impl Random {
         Random {
             two,
             seed: AtomicU64::new(seed),
+            prefix: std::sync::OnceLock::new(),
         }
     }
 
@@ -42,6 +46,11 @@ impl Random {
     }
 
     /// One weighted draw among the usable, untried peers other than `skip`.
+    ///
+    /// First as nginx does: draw over all peers by weight (a binary search in
+    /// the running sums) and redraw when the peer cannot be used, which keeps
+    /// the draw proportional to weight among the usable ones; after a few
+    /// misses, one exact pass over the usable peers.
     fn draw(
         &self,
         peers: &[Arc<Peer>],
@@ -49,6 +58,28 @@ impl Random {
         now: u64,
         skip: Option<usize>,
     ) -> Option<usize> {
+        let prefix = self.prefix.get_or_init(|| {
+            let mut sum = 0u64;
+            peers
+                .iter()
+                .map(|p| {
+                    sum += p.weight() as u64;
+                    sum
+                })
+                .collect()
+        });
+        if let Some(&total) = prefix.last()
+            && total > 0
+            && prefix.len() == peers.len()
+        {
+            for _ in 0..4 {
+                let x = self.below(total);
+                let i = prefix.partition_point(|&p| p <= x);
+                if Some(i) != skip && i < peers.len() && available(&peers[i], i, tried, now) {
+                    return Some(i);
+                }
+            }
+        }
         let eligible = || candidates(peers, tried, now).filter(|(i, _)| Some(*i) != skip);
         let total: u64 = eligible().map(|(_, p)| p.weight() as u64).sum();
         if total == 0 {
