@@ -311,14 +311,7 @@ mod tests {
                 ps[d].set_down(true);
             }
             let s = Ketama::new(&ps);
-            let got: String = (0..60)
-                .map(|k| {
-                    let key = format!("key{k}");
-                    let i = pick(&s, &ps, key.as_bytes(), &Tried::new()).unwrap();
-                    char::from(b'0' + i as u8)
-                })
-                .collect();
-            assert_eq!(got, want, "{what}");
+            assert_eq!(picks_for_keys(&s, &ps, 60), want, "{what}");
         }
         let ps = nginx_peers(&[1, 2, 1, 1]);
         let s = Ketama::new(&ps);

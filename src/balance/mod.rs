@@ -170,6 +170,18 @@ pub(crate) mod testutil {
             .collect()
     }
 
+    /// The peer picked for each of the keys `key0`..`key{n-1}`, one digit each
+    /// (the form the recorded nginx runs are written in).
+    pub fn picks_for_keys(s: &dyn Strategy, ps: &[Arc<Peer>], n: usize) -> String {
+        (0..n)
+            .map(|k| {
+                let key = format!("key{k}");
+                let i = s.pick(ps, &hkey(key.as_bytes()), &Tried::new(), NOW);
+                char::from(b'0' + i.expect("a peer") as u8)
+            })
+            .collect()
+    }
+
     /// Peers named `127.0.0.1:1900<i+1>`, as in the nginx runs the tests recorded.
     pub fn nginx_peers(weights: &[u32]) -> Vec<Arc<Peer>> {
         weights
