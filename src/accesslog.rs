@@ -1,9 +1,9 @@
 //! The access log. Each worker formats its lines into a buffer of its own and
 //! hands full buffers (or, every 100 ms, what it has) through a bounded channel to
 //! a writer thread, so a slow disk never stalls a request: when the channel is
-//! full, the lines are dropped and counted. The request path pays for one small
-//! string (the request line and headers, taken when the request arrives) and
-//! the formatting of the line; no lock, no wake-up per line.
+//! full, the lines are dropped and counted. The request path pays for a few
+//! reference-counted clones when the request arrives and the formatting of the
+//! line when it ends; no lock, no allocation, no clock read, no wake-up per line.
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{AccessLogTarget, LogFormat};
 
@@ -117,14 +117,28 @@ impl AccessLog {
     pub fn request_part(&self, req: &http::Request<impl Sized>) -> Option<RequestPart> {
         self.tx.as_ref()?;
         let h = req.headers();
-        Some(RequestPart::new(
-            self.format,
-            req.method(),
-            req.uri(),
-            req.version(),
-            h.get(http::header::REFERER),
-            h.get(http::header::USER_AGENT),
-        ))
+        let (mut referer, mut user_agent) = (None, None);
+        if h.len() <= 8 {
+            // A short scan compares names without hashing them; most requests
+            // carry few headers and neither of these.
+            for (n, v) in h {
+                if n == http::header::REFERER {
+                    referer.get_or_insert_with(|| v.clone());
+                } else if n == http::header::USER_AGENT {
+                    user_agent.get_or_insert_with(|| v.clone());
+                }
+            }
+        } else {
+            referer = h.get(http::header::REFERER).cloned();
+            user_agent = h.get(http::header::USER_AGENT).cloned();
+        }
+        Some(RequestPart {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer,
+            user_agent,
+        })
     }
 
     /// Log a finished request: format its line into this worker's buffer.
@@ -264,21 +278,40 @@ fn writer(
     }
 }
 
-/// `$time_local` of the last second formatted, reused within that second.
+/// `$time_local` of the current second, formatted once a second. Lines are
+/// stamped with the monotonic instant their request ended (read anyway for
+/// `$request_time`), so the wall clock is read once a second, not once a line.
 #[derive(Default)]
 struct Clock {
-    secs: u64,
     text: String,
+    /// The instants for which `text` is right: `[from, until)`.
+    valid: Option<(Instant, Instant)>,
 }
 
 impl Clock {
-    fn local(&mut self, t: SystemTime) -> &str {
-        let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if secs != self.secs || self.text.is_empty() {
-            self.secs = secs;
-            self.text = time_local(t);
+    fn local(&mut self, at: Instant) -> &str {
+        match self.valid {
+            Some((from, until)) if at >= from && at < until => {}
+            _ => {
+                let wall = SystemTime::now();
+                let into = wall.duration_since(UNIX_EPOCH).map_or(Duration::ZERO, |d| {
+                    Duration::from_nanos(u64::from(d.subsec_nanos()))
+                });
+                let now = Instant::now();
+                let from = now.checked_sub(into).unwrap_or(now);
+                self.text = time_local(wall);
+                self.valid = Some((from, from + Duration::from_secs(1)));
+            }
         }
         &self.text
+    }
+
+    /// A clock that writes `wall` for instants within a second of `at`.
+    fn fixed(wall: SystemTime, at: Instant) -> Clock {
+        Clock {
+            text: time_local(wall),
+            valid: Some((at, at + Duration::from_secs(1))),
+        }
     }
 }
 
@@ -298,78 +331,36 @@ thread_local! {
 
 /// Append one formatted line (with newline) for `e`.
 pub fn format_entry(buf: &mut String, e: &Entry, format: LogFormat) {
-    let part = RequestPart::new(
-        format,
-        &e.method,
-        &e.uri,
-        e.version,
-        e.referer.as_ref(),
-        e.user_agent.as_ref(),
-    );
+    let part = RequestPart {
+        method: e.method.clone(),
+        uri: e.uri.clone(),
+        version: e.version,
+        referer: e.referer.clone(),
+        user_agent: e.user_agent.clone(),
+    };
     let remote = e.remote.to_string();
+    let at = Instant::now();
     let end = End {
         remote: &remote,
-        time: e.time,
+        at,
         status: e.status,
         bytes: e.bytes,
         upstreams: &e.upstreams,
         request_time: e.request_time,
         note: e.note,
     };
-    line(buf, format, &mut Clock::default(), &part, &end);
+    line(buf, format, &mut Clock::fixed(e.time, at), &part, &end);
 }
 
-/// The part of a line known when the request arrives: the request line, then
-/// (after `split`) Referer and User-Agent, already in the log's format.
+/// The part of a line known when the request arrives, kept as the request's
+/// own (reference-counted) values and formatted when the line is written.
 #[derive(Debug)]
 pub struct RequestPart {
-    text: String,
-    split: usize,
-}
-
-impl RequestPart {
-    fn new(
-        format: LogFormat,
-        method: &http::Method,
-        uri: &http::Uri,
-        version: http::Version,
-        referer: Option<&http::HeaderValue>,
-        user_agent: Option<&http::HeaderValue>,
-    ) -> RequestPart {
-        let mut text = String::with_capacity(128);
-        match format {
-            LogFormat::Combined => {
-                text.push('"');
-                text.push_str(method.as_str());
-                text.push(' ');
-                push_target(&mut text, uri);
-                text.push(' ');
-                text.push_str(version_str(version));
-                text.push('"');
-                let split = text.len();
-                for (i, v) in [referer, user_agent].into_iter().enumerate() {
-                    text.push_str(if i == 0 { "\"" } else { " \"" });
-                    text.push_str(hv(v));
-                    text.push('"');
-                }
-                RequestPart { text, split }
-            }
-            LogFormat::Json => {
-                text.push_str("\"method\":");
-                json_str(&mut text, method.as_str());
-                text.push_str(",\"uri\":");
-                json_str(&mut text, &uri.to_string());
-                text.push_str(",\"protocol\":");
-                json_str(&mut text, &format!("{version:?}"));
-                let split = text.len();
-                text.push_str(",\"http_referer\":");
-                json_str(&mut text, hv(referer));
-                text.push_str(",\"http_user_agent\":");
-                json_str(&mut text, hv(user_agent));
-                RequestPart { text, split }
-            }
-        }
-    }
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    referer: Option<http::HeaderValue>,
+    user_agent: Option<http::HeaderValue>,
 }
 
 /// Seconds with millisecond resolution, as nginx writes times (`0.012`), without
@@ -412,20 +403,33 @@ fn push_int(buf: &mut String, n: impl itoa::Integer) {
     buf.push_str(itoa::Buffer::new().format(n));
 }
 
+/// ".000" to ".999", for the milliseconds of a time.
+const MILLIS: &str = {
+    const BYTES: [u8; 4000] = {
+        let mut b = [0u8; 4000];
+        let mut i = 0;
+        while i < 1000 {
+            b[i * 4] = b'.';
+            b[i * 4 + 1] = b'0' + (i / 100) as u8;
+            b[i * 4 + 2] = b'0' + (i / 10 % 10) as u8;
+            b[i * 4 + 3] = b'0' + (i % 10) as u8;
+            i += 1;
+        }
+        b
+    };
+    match std::str::from_utf8(&BYTES) {
+        Ok(s) => s,
+        Err(_) => panic!("ASCII is UTF-8"),
+    }
+};
+
 /// Append seconds with millisecond resolution (`0.012`), as nginx writes times.
 fn push_secs(buf: &mut String, d: Duration) {
     // Rounded to the nearest millisecond, as `{:.3}` of the seconds would be.
     let ms = (d.as_micros() as u64).saturating_add(500) / 1000;
     push_int(buf, ms / 1000);
-    buf.push('.');
-    let frac = ms % 1000;
-    if frac < 100 {
-        buf.push('0');
-    }
-    if frac < 10 {
-        buf.push('0');
-    }
-    push_int(buf, frac);
+    let f = (ms % 1000) as usize * 4;
+    buf.push_str(&MILLIS[f..f + 4]);
 }
 
 fn hv(v: Option<&http::HeaderValue>) -> &str {
@@ -438,7 +442,7 @@ pub struct End<'a> {
     /// Client address, as text.
     pub remote: &'a str,
     /// When the response ended.
-    pub time: SystemTime,
+    pub at: Instant,
     /// Status sent to the client.
     pub status: u16,
     /// Body bytes sent to the client.
@@ -459,19 +463,24 @@ fn line(buf: &mut String, format: LogFormat, clock: &mut Clock, part: &RequestPa
 }
 
 fn combined(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
-    let (request, headers) = part.text.split_at(part.split);
     buf.push_str(e.remote);
     buf.push_str(" - - [");
-    buf.push_str(clock.local(e.time));
-    buf.push_str("] ");
-    buf.push_str(request);
+    buf.push_str(clock.local(e.at));
+    buf.push_str("] \"");
+    buf.push_str(part.method.as_str());
     buf.push(' ');
+    push_target(buf, &part.uri);
+    buf.push(' ');
+    buf.push_str(version_str(part.version));
+    buf.push_str("\" ");
     push_int(buf, e.status);
     buf.push(' ');
     push_int(buf, e.bytes);
-    buf.push(' ');
-    buf.push_str(headers);
-    buf.push(' ');
+    buf.push_str(" \"");
+    buf.push_str(hv(part.referer.as_ref()));
+    buf.push_str("\" \"");
+    buf.push_str(hv(part.user_agent.as_ref()));
+    buf.push_str("\" ");
     if e.upstreams.is_empty() {
         buf.push_str("- - -");
     } else {
@@ -519,15 +528,24 @@ fn json_str(buf: &mut String, s: &str) {
 }
 
 fn json(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>) {
-    let (request, headers) = part.text.split_at(part.split);
     buf.push_str("{\"time\":");
-    json_str(buf, clock.local(e.time));
-    let _ = write!(buf, ",\"remote_addr\":\"{}\",{request}", e.remote);
+    json_str(buf, clock.local(e.at));
+    let _ = write!(buf, ",\"remote_addr\":\"{}\"", e.remote);
+    buf.push_str(",\"method\":");
+    json_str(buf, part.method.as_str());
+    buf.push_str(",\"uri\":");
+    json_str(buf, &part.uri.to_string());
+    buf.push_str(",\"protocol\":");
+    json_str(buf, &format!("{:?}", part.version));
     let _ = write!(
         buf,
-        ",\"status\":{},\"body_bytes_sent\":{}{headers}",
+        ",\"status\":{},\"body_bytes_sent\":{}",
         e.status, e.bytes
     );
+    buf.push_str(",\"http_referer\":");
+    json_str(buf, hv(part.referer.as_ref()));
+    buf.push_str(",\"http_user_agent\":");
+    json_str(buf, hv(part.user_agent.as_ref()));
     buf.push_str(",\"upstreams\":[");
     for (i, (addr, status, t)) in e.upstreams.iter().enumerate() {
         if i > 0 {

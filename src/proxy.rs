@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -308,7 +308,8 @@ impl Drop for Done {
         if let (true, Some(up), Some((peer, tx))) = (self.complete, &self.up, self.conn.take()) {
             client::checkin(&peer, tx, up.cfg.keepalive, up.cfg.keepalive_timeout);
         }
-        let elapsed = self.start.elapsed();
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(self.start);
         if let Some(up) = &self.up
             && let Some(h) = &up.request_hist
         {
@@ -319,7 +320,7 @@ impl Drop for Done {
                 part,
                 &End {
                     remote: self.ctx.client_ip.to_str().unwrap_or("-"),
-                    time: SystemTime::now(),
+                    at: now.into_std(),
                     status: self.status,
                     bytes: self.bytes,
                     upstreams: &self.trail,
