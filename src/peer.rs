@@ -7,7 +7,10 @@
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI64, AtomicU32, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::time::Duration;
 
 use crate::ewma::Ewma;
@@ -179,6 +182,23 @@ impl PeerStats {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// Moves on whenever any peer may have become, or stopped being, calm (see
+/// [`Peer::is_calm`]), so a strategy can tell in one load whether what it last
+/// saw about its peers still holds.
+static CALM_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// The current calm epoch (see [`Peer::is_calm`]).
+#[inline]
+pub fn calm_epoch() -> u64 {
+    CALM_EPOCH.load(Acquire)
+}
+
+/// A peer's calm may have changed: strategies look at their peers again.
+#[inline]
+fn disturb() {
+    CALM_EPOCH.fetch_add(1, Release);
+}
+
 impl Peer {
     /// A new peer with fresh state.
     pub fn new(addr: SocketAddr, params: PeerParams) -> Peer {
@@ -243,7 +263,26 @@ impl Peer {
         let e = self.effective_weight.load(Relaxed);
         if e < w {
             self.effective_weight.store(e + 1, Relaxed);
+            if e + 1 == w {
+                disturb();
+            }
         }
+    }
+
+    /// Calm: usable, and nothing but its configured weight matters when picking
+    /// it (not down, draining, unhealthy or ramping up; no failures counted; full
+    /// effective weight; no `max_conns`). A strategy whose peers are all calm may
+    /// take a shortcut that gives the same answers as the full rules, until
+    /// [`calm_epoch`] moves.
+    #[inline]
+    pub fn is_calm(&self) -> bool {
+        !self.admin_down.load(Relaxed)
+            && !self.draining.load(Relaxed)
+            && self.healthy.load(Relaxed)
+            && self.params.max_conns == 0
+            && self.fails.load(Relaxed) == 0
+            && self.effective_weight.load(Relaxed) == self.weight()
+            && self.ramp_start.load(Relaxed) == 0
     }
 
     /// True when marked down by configuration or the runtime API.
@@ -253,8 +292,12 @@ impl Peer {
 
     /// Mark down / up (runtime API). Coming back up starts the slow-start ramp.
     pub fn set_down(&self, down: bool) {
-        if self.admin_down.swap(down, Relaxed) && !down {
+        let was = self.admin_down.swap(down, Relaxed);
+        if was && !down {
             self.start_ramp();
+        }
+        if was != down {
+            disturb();
         }
     }
 
@@ -265,8 +308,12 @@ impl Peer {
 
     /// Start / stop draining. Stopping starts the slow-start ramp.
     pub fn set_draining(&self, draining: bool) {
-        if self.draining.swap(draining, Relaxed) && !draining {
+        let was = self.draining.swap(draining, Relaxed);
+        if was && !draining {
             self.start_ramp();
+        }
+        if was != draining {
+            disturb();
         }
     }
 
@@ -280,6 +327,7 @@ impl Peer {
         if old.params.down == self.params.down {
             self.admin_down.store(old.is_down(), Relaxed);
         }
+        disturb();
     }
 
     /// Active health verdict.
@@ -294,6 +342,9 @@ impl Peer {
         if healthy && !was {
             self.start_ramp();
         }
+        if was != healthy {
+            disturb();
+        }
         was
     }
 
@@ -301,6 +352,7 @@ impl Peer {
     pub fn start_ramp(&self) {
         if !self.params.slow_start.is_zero() {
             self.ramp_start.store(now_ms().max(1), Relaxed);
+            disturb();
         }
     }
 
@@ -314,7 +366,9 @@ impl Peer {
         let total = self.params.slow_start.as_millis() as u64;
         let elapsed = now.saturating_sub(start);
         if elapsed >= total {
-            self.ramp_start.store(0, Relaxed);
+            if self.ramp_start.swap(0, Relaxed) != 0 {
+                disturb();
+            }
             return None;
         }
         Some((elapsed as f64 / total as f64).max(0.02))
@@ -356,12 +410,17 @@ impl Peer {
             && !self.is_failed(now)
     }
 
-    /// Called when a strategy picked this peer: a peer whose failure window has
-    /// passed becomes the probe (nginx: `checked = now`).
+    /// Called when a strategy picked this peer: once `fail_timeout` has passed
+    /// since its last failure or probe, a peer with failures counted becomes the
+    /// probe (nginx: `if now - checked > fail_timeout { checked = now }`), and a
+    /// success then forgets its failures.
     #[inline]
     pub fn on_pick(&self, now: u64) {
-        let max = self.params.max_fails;
-        if max > 0 && self.fails.load(Relaxed) >= max {
+        if self.params.max_fails > 0
+            && self.fails.load(Relaxed) > 0
+            && now.saturating_sub(self.checked.load(Relaxed))
+                > self.params.fail_timeout.as_millis() as u64
+        {
             self.checked.store(now, Relaxed);
         }
     }
@@ -381,6 +440,7 @@ impl Peer {
         let drop = w / i64::from(max);
         let e = self.effective_weight.load(Relaxed);
         self.effective_weight.store((e - drop).max(0), Relaxed);
+        disturb();
         fails == max
     }
 
@@ -390,6 +450,7 @@ impl Peer {
         let fails = self.fails.load(Relaxed);
         if fails > 0 && self.accessed.load(Relaxed) < self.checked.load(Relaxed) {
             self.fails.store(0, Relaxed);
+            disturb();
             if fails >= self.params.max_fails {
                 // It was out of rotation and its probe succeeded.
                 self.start_ramp();
@@ -399,7 +460,9 @@ impl Peer {
 
     /// Forget failures (nginx does this for every peer when none is usable).
     pub fn reset_fails(&self) {
-        self.fails.store(0, Relaxed);
+        if self.fails.swap(0, Relaxed) != 0 {
+            disturb();
+        }
     }
 
     /// Wake `notify` whenever one of this peer's in-flight slots frees up (used
@@ -498,8 +561,9 @@ impl Tried {
     }
 
     /// True when nothing was tried.
+    #[inline]
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.bits == [0, 0] && self.more.iter().all(|&w| w == 0)
     }
 }
 

@@ -1,22 +1,57 @@
 //! nginx's `least_conn`: fewest in-flight requests per weight, ties by smooth WRR.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
-use super::{RequestKey, SmoothWrr, Strategy, available, candidates, commit};
+use super::{CalmView, RequestKey, SmoothWrr, Strategy, available, candidates, commit};
 use crate::peer::{Peer, Tried};
 
 /// `least_conn`: the usable peer with the lowest `in_flight / weight`; ties by smooth WRR.
 #[derive(Debug)]
 pub struct LeastConn {
     wrr: SmoothWrr,
+    calm: CalmView,
 }
 
 impl LeastConn {
-    /// A least_conn over a list of `n` peers.
-    pub fn new(n: usize) -> LeastConn {
+    /// A least_conn over a list of peers.
+    pub fn new(peers: &[Arc<Peer>]) -> LeastConn {
         LeastConn {
-            wrr: SmoothWrr::new(n),
+            wrr: SmoothWrr::new(peers),
+            calm: CalmView::new(),
         }
+    }
+
+    /// The pick when every peer is calm, nothing was tried and there are at most
+    /// 64 peers: one pass finds the lowest load and, among the peers tying with it,
+    /// the smooth-WRR winner; the tied set is a bitmask, settled afterwards. Same
+    /// answer and same WRR state as the full rules.
+    #[inline]
+    fn pick_calm(&self, peers: &[Arc<Peer>]) -> Option<usize> {
+        let wrr = &self.wrr;
+        let mut all = peers.iter().zip(wrr.weights.iter()).zip(wrr.current.iter());
+        let ((p0, &w0), c0) = all.next()?;
+        let (mut best_conns, mut best_w) = (u64::from(p0.in_flight()), w0 as u64);
+        let (mut set, mut total, mut winner, mut winner_c) = (1u64, w0, 0, c0.load(Relaxed) + w0);
+        for (i, ((p, &w), cur)) in all.enumerate() {
+            let i = i + 1;
+            let conns = u64::from(p.in_flight());
+            let (a, b) = (conns * best_w, best_conns * w as u64);
+            if a > b {
+                continue;
+            }
+            let c = cur.load(Relaxed) + w;
+            if a < b {
+                (best_conns, best_w) = (conns, w as u64);
+                (set, total, winner, winner_c) = (0, 0, i, c);
+            } else if c > winner_c {
+                (winner, winner_c) = (i, c);
+            }
+            set |= 1 << i;
+            total += w;
+        }
+        wrr.settle(set, winner, total);
+        Some(winner)
     }
 }
 
@@ -36,6 +71,10 @@ impl Strategy for LeastConn {
         tried: &Tried,
         now: u64,
     ) -> Option<usize> {
+        if peers.len() <= 64 && self.calm.all_calm(peers, tried) {
+            let i = self.pick_calm(peers)?;
+            return commit(peers, i, now);
+        }
         let mut best: Option<usize> = None;
         let mut many = false;
         for (i, p) in candidates(peers, tried, now) {
@@ -75,7 +114,7 @@ mod tests {
     #[test]
     fn picks_fewest_in_flight() {
         let ps = peers(&[1, 1, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         let _g0 = ps[0].start_request();
         let _g1 = ps[1].start_request();
         let _g2 = ps[1].start_request();
@@ -88,7 +127,7 @@ mod tests {
     #[test]
     fn in_flight_is_per_weight() {
         let ps = peers(&[3, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         let _a: Vec<_> = (0..2).map(|_| ps[0].start_request()).collect();
         let _b = ps[1].start_request();
         // 2/3 < 1/1
@@ -101,7 +140,7 @@ mod tests {
     #[test]
     fn ties_use_smooth_wrr_weights() {
         let ps = peers(&[5, 1, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         // Nothing in flight: everything ties, so it is plain smooth WRR.
         assert_eq!(picks(&lc, &ps, 7), [0, 0, 1, 0, 2, 0, 0]);
     }
@@ -110,7 +149,7 @@ mod tests {
     fn simulated_load_follows_in_flight() {
         // Holding the guards: least_conn spreads in-flight evenly per weight.
         let ps = peers(&[2, 1, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         let k = key("192.0.2.1");
         let guards: Vec<_> = (0..40)
             .map(|_| {
@@ -127,26 +166,26 @@ mod tests {
     #[test]
     fn same_sequences_as_nginx() {
         let ps = nginx_peers(&[5, 1, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         assert_eq!(
             picks(&lc, &ps, 14),
             [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]
         );
         let ps = nginx_peers(&[2, 1, 1, 3]);
         ps[1].set_down(true);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         assert_eq!(picks(&lc, &ps, 12), [3, 0, 2, 3, 0, 3, 3, 0, 2, 3, 0, 3]);
     }
 
     #[test]
     fn skips_unusable_peers() {
-        check_skips_unusable(|ps| Box::new(LeastConn::new(ps.len())));
+        check_skips_unusable(|ps| Box::new(LeastConn::new(ps)));
     }
 
     #[test]
     fn unusable_peer_with_fewer_conns_is_ignored() {
         let ps = peers(&[1, 1]);
-        let lc = LeastConn::new(ps.len());
+        let lc = LeastConn::new(&ps);
         let _g = ps[1].start_request();
         ps[0].set_down(true);
         assert_eq!(picks(&lc, &ps, 2), [1, 1]);

@@ -23,10 +23,10 @@ pub struct LeastTime {
 }
 
 impl LeastTime {
-    /// A least_time over a list of `n` peers.
-    pub fn new(n: usize) -> LeastTime {
+    /// A least_time over a list of peers.
+    pub fn new(peers: &[Arc<Peer>]) -> LeastTime {
         LeastTime {
-            wrr: SmoothWrr::new(n),
+            wrr: SmoothWrr::new(peers),
         }
     }
 }
@@ -130,7 +130,7 @@ mod tests {
         ps[0].latency.record(Duration::from_millis(20), NOW);
         ps[1].latency.record(Duration::from_millis(5), NOW);
         ps[2].latency.record(Duration::from_millis(40), NOW);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         assert_eq!(picks(&s, &ps, 3), [1, 1, 1]);
     }
 
@@ -139,7 +139,7 @@ mod tests {
         let ps = peers(&[1, 1]);
         ps[0].latency.record(Duration::from_millis(2), NOW);
         ps[1].latency.record(Duration::from_millis(5), NOW);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         let _g: Vec<_> = (0..2).map(|_| ps[0].start_request()).collect();
         // 2 × 3 = 6 > 5 × 1.
         assert_eq!(picks(&s, &ps, 1), [1]);
@@ -150,7 +150,7 @@ mod tests {
         let ps = peers(&[4, 1]);
         ps[0].latency.record(Duration::from_millis(8), NOW);
         ps[1].latency.record(Duration::from_millis(3), NOW);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         // 8/4 < 3/1
         assert_eq!(picks(&s, &ps, 1), [0]);
     }
@@ -161,7 +161,7 @@ mod tests {
         ps[0].latency.record(Duration::from_micros(1_100), NOW);
         ps[1].latency.record(Duration::from_micros(1_900), NOW);
         ps[2].latency.record(Duration::from_micros(300), NOW);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         assert_eq!(picks(&s, &ps, 6), [0, 1, 2, 0, 1, 2]);
     }
 
@@ -169,7 +169,7 @@ mod tests {
     fn new_peer_counts_as_the_fastest_not_as_free() {
         let ps = peers(&[1, 1]);
         ps[0].latency.record(Duration::from_millis(50), NOW);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         let k = key("192.0.2.1");
         // Peer 1 has no samples: it ties with peer 0 at 50 ms and fills up by in-flight,
         // instead of taking every request until its first answer.
@@ -184,13 +184,13 @@ mod tests {
     #[test]
     fn all_new_peers_behave_like_least_conn() {
         let ps = peers(&[1, 1, 1]);
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(&ps);
         assert_eq!(picks(&s, &ps, 6), [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn skips_unusable_peers() {
-        check_skips_unusable(|ps| Box::new(LeastTime::new(ps.len())));
+        check_skips_unusable(|ps| Box::new(LeastTime::new(ps)));
     }
 
     /// Closed-loop simulation: `clients` clients each send a request, wait for the
@@ -202,7 +202,7 @@ mod tests {
         seconds: u64,
         latency: impl Fn(usize, u64) -> u64,
     ) -> Vec<Vec<u64>> {
-        let s = LeastTime::new(ps.len());
+        let s = LeastTime::new(ps);
         let k = key("192.0.2.1");
         let start_us = NOW * 1000;
         let end_us = start_us + seconds * 1_000_000;

@@ -8,9 +8,10 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crate::config::{StrategyKind, UpstreamConfig};
-use crate::peer::{Peer, Tried};
+use crate::peer::{Peer, Tried, calm_epoch};
 
 pub mod hash;
 pub mod ip_hash;
@@ -59,13 +60,13 @@ pub trait Strategy: Send + Sync {
 /// primaries or backups). Each worker thread builds its own instance.
 pub fn from_config(up: &UpstreamConfig, peers: &[Arc<Peer>]) -> Box<dyn Strategy> {
     match up.strategy {
-        StrategyKind::RoundRobin => Box::new(RoundRobin::new(peers.len())),
-        StrategyKind::LeastConn => Box::new(LeastConn::new(peers.len())),
+        StrategyKind::RoundRobin => Box::new(RoundRobin::new(peers)),
+        StrategyKind::LeastConn => Box::new(LeastConn::new(peers)),
         StrategyKind::IpHash => Box::new(IpHash::new(peers)),
         StrategyKind::Hash if up.consistent => Box::new(Ketama::new(peers)),
         StrategyKind::Hash => Box::new(Hash::new(peers)),
         StrategyKind::Random => Box::new(Random::new(up.random_two)),
-        StrategyKind::LeastTime => Box::new(LeastTime::new(peers.len())),
+        StrategyKind::LeastTime => Box::new(LeastTime::new(peers)),
     }
 }
 
@@ -98,6 +99,42 @@ pub fn candidates<'a>(
         .iter()
         .enumerate()
         .filter(move |(i, p)| available(p, *i, tried, now))
+}
+
+/// What one strategy instance last found about its peers' calm (see
+/// [`Peer::is_calm`]), valid while [`calm_epoch`] stays where it was: one load
+/// per pick instead of a look at every peer.
+#[derive(Debug)]
+pub(crate) struct CalmView {
+    /// The epoch `calm` was found at; 0 = never looked.
+    epoch: AtomicU64,
+    calm: AtomicBool,
+}
+
+impl CalmView {
+    pub(crate) fn new() -> CalmView {
+        CalmView {
+            epoch: AtomicU64::new(0),
+            calm: AtomicBool::new(false),
+        }
+    }
+
+    /// True when nothing was tried and every peer is calm, so a strategy may take
+    /// its shortcut.
+    #[inline]
+    pub(crate) fn all_calm(&self, peers: &[Arc<Peer>], tried: &Tried) -> bool {
+        if !tried.is_empty() {
+            return false;
+        }
+        let e = calm_epoch();
+        if self.epoch.load(Relaxed) == e {
+            return self.calm.load(Relaxed);
+        }
+        let calm = peers.iter().all(|p| p.is_calm());
+        self.calm.store(calm, Relaxed);
+        self.epoch.store(e, Relaxed);
+        calm
+    }
 }
 
 /// Sum of the configured weights of all peers, usable or not (nginx's `total_weight`).
@@ -377,5 +414,88 @@ mod tests {
         assert_eq!(got, [Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)]);
         assert_eq!(walk_by_weight(&ps, 6), None);
         assert_eq!(total_weight(&ps), 6);
+    }
+}
+
+#[cfg(test)]
+mod calm_tests {
+    use super::testutil::*;
+    use super::*;
+    use crate::peer::InFlight;
+
+    /// The calm shortcut gives the same picks as the full rules: the same
+    /// strategy built twice over the same peers, one always taking the full path
+    /// (a `tried` set naming only an index past the end forces it without
+    /// excluding anyone), under random weights and in-flight counts.
+    fn same_as_full_rules(make: fn(&[Arc<Peer>]) -> Box<dyn Strategy>) {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for n in [1usize, 2, 3, 7, 64] {
+            let weights: Vec<u32> = (0..n).map(|_| rng.u32(1..=5)).collect();
+            let ps = peers(&weights);
+            let (fast, full) = (make(&ps), make(&ps));
+            let mut force = Tried::new();
+            force.insert(1000);
+            let mut held: Vec<InFlight> = Vec::new();
+            for round in 0..2_000 {
+                if rng.u8(..4) == 0 {
+                    held.push(ps[rng.usize(..n)].start_request());
+                }
+                if rng.u8(..4) == 0 && !held.is_empty() {
+                    held.swap_remove(rng.usize(..held.len()));
+                }
+                assert!(ps.iter().all(|p| p.is_calm()));
+                let a = fast.pick(&ps, &key("192.0.2.1"), &Tried::new(), NOW);
+                let b = full.pick(&ps, &key("192.0.2.1"), &force, NOW);
+                assert_eq!(a, b, "{n} peers, round {round}, weights {weights:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn round_robin_shortcut_matches_full_rules() {
+        same_as_full_rules(|ps| Box::new(RoundRobin::new(ps)));
+    }
+
+    #[test]
+    fn least_conn_shortcut_matches_full_rules() {
+        same_as_full_rules(|ps| Box::new(LeastConn::new(ps)));
+    }
+
+    #[test]
+    fn a_failure_ends_the_shortcut_and_recovery_restores_it() {
+        let ps = peers(&[1, 1, 1]);
+        let rr = RoundRobin::new(&ps);
+        assert_eq!(picks(&rr, &ps, 3), [0, 1, 2]);
+        // Peer 1 fails (max_fails = 1): the next picks skip it.
+        ps[1].record_failure(NOW);
+        assert!(!ps[1].is_calm());
+        assert_eq!(picks(&rr, &ps, 4), [0, 2, 0, 2]);
+        // After fail_timeout it is picked again (the probe) and its success
+        // forgets the failure.
+        let later = NOW + 10_001;
+        let got: Vec<usize> = (0..3)
+            .map(|_| {
+                rr.pick(&ps, &key("192.0.2.1"), &Tried::new(), later)
+                    .unwrap()
+            })
+            .collect();
+        assert!(got.contains(&1), "{got:?}");
+        ps[1].record_success();
+        assert_eq!(ps[1].fails(), 0);
+    }
+
+    #[test]
+    fn a_failure_below_max_fails_is_forgiven_after_fail_timeout() {
+        let mut p = params("10.0.0.1:80", 1);
+        p.max_fails = 3;
+        let a = peer_params(p);
+        a.record_failure(NOW);
+        a.record_success();
+        // Still inside the window: nginx keeps counting.
+        assert_eq!(a.fails(), 1);
+        // Picked after fail_timeout, the success is a probe's and resets it.
+        a.on_pick(NOW + 10_001);
+        a.record_success();
+        assert_eq!(a.fails(), 0);
     }
 }

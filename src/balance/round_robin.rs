@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 
-use super::{RequestKey, Strategy, candidates, commit};
+use super::{CalmView, RequestKey, Strategy, candidates, commit};
 use crate::peer::{Peer, Tried};
 
 /// Per-instance current weights of nginx's smooth weighted round-robin.
@@ -15,14 +15,64 @@ use crate::peer::{Peer, Tried};
 /// weights belong to one worker's strategy instance, so relaxed atomics suffice.
 #[derive(Debug)]
 pub struct SmoothWrr {
-    current: Box<[AtomicI64]>,
+    pub(crate) current: Box<[AtomicI64]>,
+    /// The peers' configured weights, side by side for [`SmoothWrr::pick_calm`].
+    pub(crate) weights: Box<[i64]>,
+    total: i64,
 }
 
 impl SmoothWrr {
-    /// State for a peer list of `n` peers, all current weights zero.
-    pub fn new(n: usize) -> SmoothWrr {
+    /// State for a list of peers, all current weights zero.
+    pub fn new(peers: &[Arc<Peer>]) -> SmoothWrr {
+        let weights: Box<[i64]> = peers.iter().map(|p| p.weight()).collect();
         SmoothWrr {
-            current: (0..n).map(|_| AtomicI64::new(0)).collect(),
+            current: (0..peers.len()).map(|_| AtomicI64::new(0)).collect(),
+            total: weights.iter().sum(),
+            weights,
+        }
+    }
+
+    /// Smooth WRR over every peer when all are calm (see [`crate::peer::Peer::is_calm`])
+    /// and none was tried: every effective weight is the configured one, so this
+    /// is [`SmoothWrr::pick_available`] over one compact array. `None` for no peers.
+    #[inline]
+    pub fn pick_calm(&self) -> Option<usize> {
+        let mut best = 0;
+        let mut best_c = i64::MIN;
+        for (i, (cur, &w)) in self.current.iter().zip(self.weights.iter()).enumerate() {
+            let c = cur.load(Relaxed) + w;
+            cur.store(c, Relaxed);
+            if c > best_c {
+                best_c = c;
+                best = i;
+            }
+        }
+        let cur = self.current.get(best)?;
+        cur.store(cur.load(Relaxed) - self.total, Relaxed);
+        Some(best)
+    }
+
+    /// Add each weight to its current weight for the peers in `set` (bit `i` =
+    /// peer `i`, fewer than 65 peers), then take `total` from `winner`'s: the
+    /// bookkeeping of a smooth-WRR pick among `set`, whose winner the caller found.
+    #[inline]
+    pub(crate) fn settle(&self, mut set: u64, winner: usize, total: i64) {
+        let n = self.current.len();
+        if n < 64 && set == (1u64 << n) - 1 || n == 64 && set == u64::MAX {
+            for (cur, &w) in self.current.iter().zip(self.weights.iter()) {
+                cur.store(cur.load(Relaxed) + w, Relaxed);
+            }
+            set = 0;
+        }
+        while set != 0 {
+            let i = set.trailing_zeros() as usize;
+            set &= set - 1;
+            if let (Some(cur), Some(&w)) = (self.current.get(i), self.weights.get(i)) {
+                cur.store(cur.load(Relaxed) + w, Relaxed);
+            }
+        }
+        if let Some(cur) = self.current.get(winner) {
+            cur.store(cur.load(Relaxed) - total, Relaxed);
         }
     }
 
@@ -68,13 +118,15 @@ impl SmoothWrr {
 #[derive(Debug)]
 pub struct RoundRobin {
     wrr: SmoothWrr,
+    calm: CalmView,
 }
 
 impl RoundRobin {
-    /// A round-robin over a list of `n` peers.
-    pub fn new(n: usize) -> RoundRobin {
+    /// A round-robin over a list of peers.
+    pub fn new(peers: &[Arc<Peer>]) -> RoundRobin {
         RoundRobin {
-            wrr: SmoothWrr::new(n),
+            wrr: SmoothWrr::new(peers),
+            calm: CalmView::new(),
         }
     }
 }
@@ -87,7 +139,11 @@ impl Strategy for RoundRobin {
         tried: &Tried,
         now: u64,
     ) -> Option<usize> {
-        let i = self.wrr.pick_available(peers, tried, now)?;
+        let i = if self.calm.all_calm(peers, tried) {
+            self.wrr.pick_calm()?
+        } else {
+            self.wrr.pick_available(peers, tried, now)?
+        };
         commit(peers, i, now)
     }
 }
@@ -104,21 +160,21 @@ mod tests {
     #[test]
     fn weights_5_1_1_give_nginx_sequence() {
         let ps = peers(&[5, 1, 1]);
-        let rr = RoundRobin::new(ps.len());
+        let rr = RoundRobin::new(&ps);
         assert_eq!(letters(&picks(&rr, &ps, 21)), "aabacaaaabacaaaabacaa");
     }
 
     #[test]
     fn equal_weights_rotate_in_order() {
         let ps = peers(&[1, 1, 1]);
-        let rr = RoundRobin::new(ps.len());
+        let rr = RoundRobin::new(&ps);
         assert_eq!(picks(&rr, &ps, 6), [0, 1, 2, 0, 1, 2]);
     }
 
     #[test]
     fn shares_follow_weights() {
         let ps = peers(&[3, 2, 1]);
-        let rr = RoundRobin::new(ps.len());
+        let rr = RoundRobin::new(&ps);
         let mut n = [0; 3];
         for i in picks(&rr, &ps, 600) {
             n[i] += 1;
@@ -128,14 +184,14 @@ mod tests {
 
     #[test]
     fn skips_unusable_peers() {
-        check_skips_unusable(|ps| Box::new(RoundRobin::new(ps.len())));
+        check_skips_unusable(|ps| Box::new(RoundRobin::new(ps)));
     }
 
     #[test]
     fn down_peer_leaves_the_rest_in_sequence() {
         let ps = peers(&[5, 1, 1]);
         ps[0].set_down(true);
-        let rr = RoundRobin::new(ps.len());
+        let rr = RoundRobin::new(&ps);
         assert_eq!(letters(&picks(&rr, &ps, 4)), "bcbc");
     }
 
@@ -151,7 +207,7 @@ mod tests {
         ps[0].record_failure(NOW);
         ps[0].record_failure(NOW);
         assert_eq!(ps[0].effective_weight(), 2);
-        let rr = RoundRobin::new(2);
+        let rr = RoundRobin::new(&ps);
         // Pass 1: a 0+2=2, b 0+4=4 -> b (a climbs to 3). Pass 2: a 2+3=5, b -2+4=2 -> a.
         assert_eq!(picks(&rr, &ps, 2), [1, 0]);
         assert_eq!(ps[0].effective_weight(), 4);
@@ -160,7 +216,7 @@ mod tests {
     #[test]
     fn pick_among_a_subset() {
         let ps = peers(&[1, 1, 1, 1]);
-        let wrr = SmoothWrr::new(ps.len());
+        let wrr = SmoothWrr::new(&ps);
         let got: Vec<_> = (0..4)
             .map(|_| wrr.pick_among(&ps, [1, 3]).unwrap())
             .collect();
@@ -173,7 +229,7 @@ mod tests {
     #[test]
     fn tried_peer_is_skipped_on_retry() {
         let ps = peers(&[1, 1, 1]);
-        let rr = RoundRobin::new(ps.len());
+        let rr = RoundRobin::new(&ps);
         let mut tried = Tried::new();
         let k = key("192.0.2.1");
         let first = rr.pick(&ps, &k, &tried, NOW).unwrap();
