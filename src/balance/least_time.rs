@@ -2,14 +2,16 @@
 
 use std::sync::Arc;
 
-use super::{RequestKey, SmoothWrr, Strategy, candidates, commit};
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::{CalmView, RequestKey, SmoothWrr, Strategy, candidates, commit};
 use crate::peer::{Peer, Tried};
 
 /// Estimates below this (µs) count as this: sub-millisecond differences are noise.
 pub const FLOOR_US: f64 = 1000.0;
 
 /// Requests a peer is assumed to serve at once without slowing down (see [`LeastTime`]).
-pub const PARALLEL: u128 = 8;
+pub const PARALLEL: u64 = 8;
 
 /// `least_time`: the usable peer with the lowest `time × (PARALLEL + in_flight) /
 /// weight`, ties by smooth WRR.
@@ -34,6 +36,7 @@ pub const PARALLEL: u128 = 8;
 #[derive(Debug)]
 pub struct LeastTime {
     wrr: SmoothWrr,
+    calm: CalmView,
 }
 
 impl LeastTime {
@@ -41,15 +44,73 @@ impl LeastTime {
     pub fn new(peers: &[Arc<Peer>]) -> LeastTime {
         LeastTime {
             wrr: SmoothWrr::new(peers),
+            calm: CalmView::new(),
         }
+    }
+
+    /// The pick when every peer is calm, nothing was tried and there are at most
+    /// 64 peers: one pass reads each peer once (bucketed estimate and in-flight
+    /// count) into arrays on the stack, a second finds the lowest score and, among
+    /// the peers tying with it, the smooth-WRR winner. Same answer and WRR state
+    /// as the full rules (raising to the lift commutes with bucketing).
+    #[inline]
+    fn pick_calm(&self, peers: &[Arc<Peer>], now: u64) -> Option<usize> {
+        let n = peers.len().min(64);
+        if n == 0 {
+            return None;
+        }
+        let wrr = &self.wrr;
+        let (Some(ws), Some(cs)) = (wrr.weights.get(..n), wrr.current.get(..n)) else {
+            return None;
+        };
+        let mut time = [0u64; 64];
+        let mut load = [0u64; 64];
+        let mut fastest = f64::INFINITY;
+        for (i, p) in peers[..n].iter().enumerate() {
+            let in_flight = p.in_flight();
+            let (last, e) = p.latency.read_coarse(now, in_flight == 0);
+            if last > 0.0 {
+                fastest = fastest.min(last);
+            }
+            time[i] = bucket(e);
+            load[i] = PARALLEL + u64::from(in_flight);
+        }
+        let floor = bucket(lift(fastest));
+        let score = |i: usize| time[i].max(floor) * load[i];
+        let (mut best_s, mut best_w) = (score(0), ws[0] as u64);
+        let (mut set, mut total, mut winner) = (1u64, ws[0], 0);
+        let mut winner_c = cs[0].load(Relaxed) + ws[0];
+        for i in 1..n {
+            let w = ws[i];
+            let s = score(i);
+            let (a, b) = (
+                u128::from(s) * u128::from(best_w),
+                u128::from(best_s) * u128::from(w as u64),
+            );
+            if a > b {
+                continue;
+            }
+            let c = cs[i].load(Relaxed) + w;
+            if a < b {
+                (best_s, best_w) = (s, w as u64);
+                (set, total, winner, winner_c) = (0, 0, i, c);
+            } else if c > winner_c {
+                (winner, winner_c) = (i, c);
+            }
+            set |= 1 << i;
+            total += w;
+        }
+        wrr.settle(set, winner, total);
+        Some(winner)
     }
 }
 
 /// Milliseconds, at least 1, keeping the three leading bits above 8.
 #[inline]
 pub(crate) fn bucket(estimate_us: f64) -> u64 {
-    // `as` saturates; cap at u32::MAX ms (49 days) so scores stay far from overflow.
-    let ms = ((estimate_us / 1000.0) as u64).clamp(1, u64::from(u32::MAX));
+    // `as` saturates; cap below 2^31 ms (24 days) so that time × (PARALLEL + in
+    // flight) fits in 64 bits.
+    let ms = ((estimate_us / 1000.0) as u64).clamp(1, u64::from(u32::MAX >> 1));
     let bits = 64 - ms.leading_zeros();
     if bits <= 3 {
         ms
@@ -59,18 +120,32 @@ pub(crate) fn bucket(estimate_us: f64) -> u64 {
     }
 }
 
+/// What estimates are raised to: the fastest usable peer's last estimate, at
+/// least [`FLOOR_US`] (`fastest` is infinite when no peer has samples).
+#[inline]
+fn lift(fastest: f64) -> f64 {
+    if fastest.is_finite() {
+        fastest.max(FLOOR_US)
+    } else {
+        FLOOR_US
+    }
+}
+
+/// Bucketed time × (PARALLEL + in flight), before dividing by the weight.
+#[inline]
+fn raw_score(estimate_us: f64, in_flight: u32, lift_us: f64) -> u128 {
+    u128::from(bucket(estimate_us.max(lift_us)) * (PARALLEL + u64::from(in_flight)))
+}
+
 /// One peer's score and weight, for cross-multiplied comparison.
 #[inline]
 fn score(peer: &Peer, lift_us: f64, now: u64) -> (u128, u128) {
     let in_flight = peer.in_flight();
-    let estimate = if in_flight > 0 {
-        peer.latency.last()
-    } else {
-        peer.latency.estimate(now)
-    };
-    let t = bucket(estimate.max(lift_us));
-    let load = u128::from(t) * (PARALLEL + u128::from(in_flight));
-    (load, peer.weight() as u128)
+    let (_, estimate) = peer.latency.read_coarse(now, in_flight == 0);
+    (
+        raw_score(estimate, in_flight, lift_us),
+        peer.weight() as u128,
+    )
 }
 
 impl Strategy for LeastTime {
@@ -81,15 +156,15 @@ impl Strategy for LeastTime {
         tried: &Tried,
         now: u64,
     ) -> Option<usize> {
+        if peers.len() <= 64 && self.calm.all_calm(peers, tried) {
+            let i = self.pick_calm(peers, now)?;
+            return commit(peers, i, now);
+        }
         let fastest = candidates(peers, tried, now)
             .map(|(_, p)| p.latency.last())
             .filter(|&t| t > 0.0)
             .fold(f64::INFINITY, f64::min);
-        let lift = if fastest.is_finite() {
-            fastest.max(FLOOR_US)
-        } else {
-            FLOOR_US
-        };
+        let lift = lift(fastest);
         let mut best: Option<(usize, (u128, u128))> = None;
         let mut many = false;
         for (i, p) in candidates(peers, tried, now) {
@@ -141,7 +216,7 @@ mod tests {
         assert_eq!(bucket(10_000.0), 10);
         assert_eq!(bucket(17_000.0), 16);
         assert_eq!(bucket(100_000.0), 96);
-        assert_eq!(bucket(f64::MAX), u64::from(u32::MAX) >> 29 << 29);
+        assert_eq!(bucket(f64::MAX), u64::from(u32::MAX >> 1) >> 28 << 28);
     }
 
     #[test]

@@ -443,6 +443,12 @@ mod calm_tests {
                 if rng.u8(..4) == 0 && !held.is_empty() {
                     held.swap_remove(rng.usize(..held.len()));
                 }
+                if rng.u8(..3) == 0 {
+                    let ms = std::time::Duration::from_micros(rng.u64(200..30_000));
+                    ps[rng.usize(..n)]
+                        .latency
+                        .record(ms, NOW - rng.u64(0..5_000));
+                }
                 assert!(ps.iter().all(|p| p.is_calm()));
                 let a = fast.pick(&ps, &key("192.0.2.1"), &Tried::new(), NOW);
                 let b = full.pick(&ps, &key("192.0.2.1"), &force, NOW);
@@ -459,6 +465,11 @@ mod calm_tests {
     #[test]
     fn least_conn_shortcut_matches_full_rules() {
         same_as_full_rules(|ps| Box::new(LeastConn::new(ps)));
+    }
+
+    #[test]
+    fn least_time_shortcut_matches_full_rules() {
+        same_as_full_rules(|ps| Box::new(LeastTime::new(ps)));
     }
 
     #[test]
