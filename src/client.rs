@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::ReqBody;
-use crate::peer::Peer;
 use crate::config::UpstreamTls;
+use crate::peer::Peer;
 use crate::tls::ClientTls;
 
 /// How often a worker sweeps its pool for expired or closed idle connections.

@@ -1486,7 +1486,11 @@ impl Ctx<'_> {
     fn file_ref(&self, value: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
         let text = value.get_ref().trim();
         if text.is_empty() {
-            return Err(self.err(value.span(), key, "must not be empty (expected a file path)"));
+            return Err(self.err(
+                value.span(),
+                key,
+                "must not be empty (expected a file path)",
+            ));
         }
         let (line, col) = line_col(self.text, value.span().start);
         let path = Path::new(text);
@@ -1526,8 +1530,8 @@ impl Ctx<'_> {
         let mut listen: Vec<SocketAddr> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             let key = format!("tls.listen[{i}]");
-            let addr = parse_listen(item.get_ref())
-                .map_err(|m| self.err(item.span(), key.as_str(), m))?;
+            let addr =
+                parse_listen(item.get_ref()).map_err(|m| self.err(item.span(), key.as_str(), m))?;
             if addr.port() != 0 && listen.contains(&addr) {
                 return Err(self.err(item.span(), key, format!("{addr} is listed twice")));
             }
@@ -1593,13 +1597,18 @@ impl Ctx<'_> {
             let stray = [
                 ("tls_verify", u.tls_verify.as_ref().map(Spanned::span)),
                 ("tls_ca_file", u.tls_ca_file.as_ref().map(Spanned::span)),
-                ("tls_server_name", u.tls_server_name.as_ref().map(Spanned::span)),
+                (
+                    "tls_server_name",
+                    u.tls_server_name.as_ref().map(Spanned::span),
+                ),
             ];
             if let Some((name, Some(at))) = stray.into_iter().find(|(_, s)| s.is_some()) {
                 return Err(self.err(
                     at,
                     format!("{key}.{name}"),
-                    format!("{name} only applies to scheme = \"https\" (this upstream uses \"http\")"),
+                    format!(
+                        "{name} only applies to scheme = \"https\" (this upstream uses \"http\")"
+                    ),
                 ));
             }
             return Ok((scheme, None));

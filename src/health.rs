@@ -145,7 +145,11 @@ pub async fn check_once(
     }
 }
 
-async fn probe(peer: &Peer, hc: &HealthCheckConfig, tls: Option<&UpstreamTls>) -> Result<(), String> {
+async fn probe(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
     let stream = TcpStream::connect(peer.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -284,7 +288,12 @@ mod tests {
         want.expect_body = Some("hello from hc".into());
         assert_eq!(check_once(&p, &want, None).await, Ok(()));
         want.expect_body = Some("nope".into());
-        assert!(check_once(&p, &want, None).await.unwrap_err().contains("body"));
+        assert!(
+            check_once(&p, &want, None)
+                .await
+                .unwrap_err()
+                .contains("body")
+        );
     }
 
     #[tokio::test]

@@ -428,20 +428,20 @@ pub async fn handle(
         resp
     } else {
         match check_request(&req, &rt) {
-        Err((status, text, note)) => {
-            if status == StatusCode::NOT_FOUND {
-                metrics.unrouted.fetch_add(1, Relaxed);
+            Err((status, text, note)) => {
+                if status == StatusCode::NOT_FOUND {
+                    metrics.unrouted.fetch_add(1, Relaxed);
+                }
+                done.note = Some(note);
+                full(status, text)
             }
-            done.note = Some(note);
-            full(status, text)
-        }
-        Ok(ui) => {
-            let up = Arc::clone(&rt.upstreams[ui]);
-            done.up = Some(Arc::clone(&up));
-            let body_limit = rt.config.server.client_max_body_size;
-            drop(rt);
-            forward(&ctx, &up, req, body_limit, &mut done).await
-        }
+            Ok(ui) => {
+                let up = Arc::clone(&rt.upstreams[ui]);
+                done.up = Some(Arc::clone(&up));
+                let body_limit = rt.config.server.client_max_body_size;
+                drop(rt);
+                forward(&ctx, &up, req, body_limit, &mut done).await
+            }
         }
     };
     let (mut parts, kind) = resp.into_parts();
@@ -496,7 +496,11 @@ async fn plain_listener_answer(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
-    let uri = if uri.starts_with('/') { uri } else { "/".to_owned() };
+    let uri = if uri.starts_with('/') {
+        uri
+    } else {
+        "/".to_owned()
+    };
     let location = is_redirect_host(&host)
         .then(|| HeaderValue::from_str(&format!("https://{host}{uri}")).ok())
         .flatten();
@@ -521,8 +525,7 @@ fn is_redirect_host(h: &str) -> bool {
         return inner.parse::<std::net::Ipv6Addr>().is_ok();
     }
     !h.is_empty()
-        && h
-            .bytes()
+        && h.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
 }
 
@@ -530,8 +533,7 @@ fn is_redirect_host(h: &str) -> bool {
 fn is_acme_token(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 256
-        && t
-            .bytes()
+        && t.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -544,10 +546,7 @@ async fn acme_challenge(
     token: &str,
 ) -> (Response<Kind>, &'static str) {
     if method != Method::GET && method != Method::HEAD {
-        let mut r = full(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "405 Method Not Allowed\n",
-        );
+        let mut r = full(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return (r, "acme challenge: method not allowed");

@@ -117,7 +117,10 @@ type Want = (SocketAddr, Kind);
 /// The listeners `cfg` asks for: the plain ones, then the TLS ones.
 fn wanted(cfg: &Config) -> Vec<Want> {
     let plain = cfg.server.listen.iter().map(|a| (*a, Kind::Plain));
-    let tls = cfg.tls.iter().flat_map(|t| t.listen.iter().map(|a| (*a, Kind::Tls)));
+    let tls = cfg
+        .tls
+        .iter()
+        .flat_map(|t| t.listen.iter().map(|a| (*a, Kind::Tls)));
     plain.chain(tls).collect()
 }
 
