@@ -1096,7 +1096,10 @@ impl Config {
     /// Writes [`Config::summary`].
     fn write_summary(&self, out: &mut String) -> std::fmt::Result {
         let s = &self.server;
-        let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        let mut listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        if listen.is_empty() {
+            listen.push("(no plain listener)".to_owned());
+        }
         let workers = if s.workers == 0 {
             "auto".to_owned()
         } else {
@@ -3349,6 +3352,172 @@ mandatory = true
         check(&e, 2, 20, "resolver.resolve_interval", "greater than zero");
         let e = err(&format!("[resolver]\nport = 53\n{ONE}"));
         assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    /// A `[tls]` section with one certificate.
+    const TLS: &str = "[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n";
+
+    #[test]
+    fn tls_keys_are_read() {
+        let c = Config::parse(
+            &format!(
+                "[server]\nlisten = [\"0.0.0.0:80\"]\nredirect_https = true\nacme_webroot = \"/var/www/certbot\"\n{ONE}{TLS}[[tls.certificate]]\ncert = \"/etc/b.pem\"\nkey = \"/etc/b.key\"\n"
+            ),
+            Path::new("/etc/ferry/ferry.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.server.redirect_https);
+        assert_eq!(
+            c.server.acme_webroot,
+            Some(PathBuf::from("/var/www/certbot"))
+        );
+        let t = c.tls.unwrap_or_else(|| panic!("tls"));
+        assert_eq!(t.listen, vec![SocketAddr::from(([0, 0, 0, 0], 443))]);
+        assert_eq!(t.certificates.len(), 2);
+        // Relative paths are taken from the config file's directory.
+        assert_eq!(
+            t.certificates[0].cert.path,
+            Path::new("/etc/ferry/fullchain.pem")
+        );
+        assert_eq!(
+            t.certificates[0].key.path,
+            Path::new("/etc/ferry/privkey.pem")
+        );
+        assert_eq!(t.certificates[1].cert.path, Path::new("/etc/b.pem"));
+        assert_eq!(
+            t.certificates[0].cert.place,
+            Place {
+                line: 12,
+                col: 8,
+                key: "tls.certificate[0].cert".into()
+            }
+        );
+        assert!(
+            t.loaded.is_none(),
+            "files are read by tls::load, not by parse"
+        );
+        // Defaults: no redirect, no webroot, no TLS; a TLS-only file needs no plain listener.
+        let d = ok(ONE);
+        assert!(!d.server.redirect_https && d.server.acme_webroot.is_none() && d.tls.is_none());
+        let only_tls = ok(&format!("[server]\nlisten = []\n{ONE}{TLS}"));
+        assert!(only_tls.server.listen.is_empty());
+    }
+
+    #[test]
+    fn upstream_tls_keys_are_read() {
+        let c = ok(&format!(
+            "{ONE}[[upstream]]\nname = \"b\"\nscheme = \"https\"\ntls_ca_file = \"/etc/ssl/ca.pem\"\ntls_server_name = \"API.internal\"\n[[upstream.server]]\naddr = \"127.0.0.1:443\"\n[[upstream]]\nname = \"c\"\nscheme = \"https\"\ntls_verify = false\n[[upstream.server]]\naddr = \"127.0.0.1:444\"\n[[route]]\nupstream = \"a\"\n"
+        ));
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::Http);
+        assert!(c.upstreams[0].tls.is_none());
+        let b = c.upstreams[1].tls.clone().unwrap_or_else(|| panic!("tls"));
+        assert_eq!(c.upstreams[1].scheme, UpstreamScheme::Https);
+        assert!(b.verify);
+        assert_eq!(
+            b.ca_file.map(|f| f.path),
+            Some(PathBuf::from("/etc/ssl/ca.pem"))
+        );
+        assert_eq!(b.server_name.as_deref(), Some("api.internal"));
+        let t = c.upstreams[2].tls.clone().unwrap_or_else(|| panic!("tls"));
+        assert!(!t.verify && t.ca_file.is_none() && t.server_name.is_none());
+    }
+
+    #[test]
+    fn error_tls_section() {
+        let e = err(&format!("{ONE}[tls]\nlisten = []\n"));
+        check(&e, 6, 10, "tls.listen", "at least one address");
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"443\"]\n"));
+        check(&e, 6, 11, "tls.listen[0]", "expected ip:port");
+        let e = err(&format!(
+            "[server]\nlisten = [\"0.0.0.0:443\"]\n{ONE}[tls]\nlisten = [\"127.0.0.1:443\"]\n"
+        ));
+        check(
+            &e,
+            8,
+            11,
+            "tls.listen[0]",
+            "overlaps server.listen 0.0.0.0:443",
+        );
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"127.0.0.1:9180\"]\n"));
+        check(&e, 6, 11, "tls.listen[0]", "overlaps the admin listener");
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n"));
+        check(
+            &e,
+            5,
+            1,
+            "tls.certificate",
+            "at least one [[tls.certificate]]",
+        );
+        let e = err(&format!("{ONE}[tls]\ncertificate = []\n"));
+        assert!(e.message.contains("missing required key `listen`"), "{e}");
+        let e = err(&format!(
+            "{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"a.pem\"\n"
+        ));
+        check(
+            &e,
+            7,
+            1,
+            "tls.certificate[0].key",
+            "missing required key `key`",
+        );
+        let e = err(&format!(
+            "{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"\"\nkey = \"k.pem\"\n"
+        ));
+        check(&e, 8, 8, "tls.certificate[0].cert", "must not be empty");
+        let e = err(&format!("{ONE}{TLS}chain = \"x.pem\"\n"));
+        check(&e, 10, 1, "tls.certificate[0].chain", "unknown key `chain`");
+        let e = err(&format!("[server]\nacme_webroot = \"\"\n{ONE}"));
+        check(&e, 2, 16, "server.acme_webroot", "must not be empty");
+        let e = err(&format!("[server]\nredirect_https = \"yes\"\n{ONE}"));
+        check(&e, 2, 18, "server.redirect_https", "invalid type");
+    }
+
+    #[test]
+    fn error_upstream_tls_keys() {
+        let up = "[[upstream]]\nname = \"a\"\n";
+        let srv = "[[upstream.server]]\naddr = \"127.0.0.1:81\"\n";
+        let e = err(&format!("{up}scheme = \"ftp\"\n{srv}"));
+        check(
+            &e,
+            3,
+            10,
+            "upstream[0].scheme",
+            "expected \"http\" or \"https\"",
+        );
+        let e = err(&format!("{up}tls_verify = false\n{srv}"));
+        check(
+            &e,
+            3,
+            14,
+            "upstream[0].tls_verify",
+            "only applies to scheme = \"https\"",
+        );
+        let e = err(&format!("{up}tls_server_name = \"x\"\n{srv}"));
+        check(
+            &e,
+            3,
+            19,
+            "upstream[0].tls_server_name",
+            "only applies to scheme",
+        );
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_verify = false\ntls_ca_file = \"ca.pem\"\n{srv}"
+        ));
+        check(&e, 5, 15, "upstream[0].tls_ca_file", "tls_verify = false");
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_server_name = \"bad name\"\n{srv}"
+        ));
+        check(
+            &e,
+            4,
+            19,
+            "upstream[0].tls_server_name",
+            "invalid server name",
+        );
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_ca_file = \" \"\n{srv}"
+        ));
+        check(&e, 4, 15, "upstream[0].tls_ca_file", "must not be empty");
     }
 
     #[test]
