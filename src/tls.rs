@@ -193,19 +193,18 @@ fn certified_key(
         .load_private_key(key)
         .map_err(|e| file_error(cfg, &c.key, format!("unusable private key: {e}")))?;
     let ck = CertifiedKey::new(chain, signer);
-    match ck.keys_match() {
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(file_error(
-                cfg,
-                &c.key,
-                format!(
-                    "this key does not belong to the certificate in {}",
-                    c.cert.path.display()
-                ),
-            ));
-        }
-        // `Unknown`: the key type cannot tell; the first handshake will.
-        _ => {}
+    // `Unknown` (the key type cannot tell) passes: the first handshake will.
+    if let Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) =
+        ck.keys_match()
+    {
+        return Err(file_error(
+            cfg,
+            &c.key,
+            format!(
+                "this key does not belong to the certificate in {}",
+                c.cert.path.display()
+            ),
+        ));
     }
     Ok((names, Arc::new(ck)))
 }

@@ -11,7 +11,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -306,7 +305,7 @@ fn a_failed_handshake_disturbs_nothing_and_is_counted() {
     let cfg = format!(
         "{}\n{}",
         config("", &backends.servers("")),
-        tls_section(&[p.a_files.clone()])
+        tls_section(std::slice::from_ref(&p.a_files))
     );
     let f = Ferry::start(&cfg);
     let addr = tls_addr(&f);
@@ -353,7 +352,7 @@ fn reload_serves_new_certificates_and_keeps_open_connections() {
     let cfg = format!(
         "{}\n{}",
         config("", &backends.servers("")),
-        tls_section(&[p.a_files.clone()])
+        tls_section(std::slice::from_ref(&p.a_files))
     );
     let f = Ferry::start(&cfg);
     let addr = tls_addr(&f);
@@ -480,7 +479,7 @@ fn bad_certificates_stop_startup_and_fail_check() {
     let text = format!(
         "{}\n{}",
         config("", "[[upstream.server]]\naddr = \"127.0.0.1:9\"\n"),
-        tls_section(&[p.a_files.clone()])
+        tls_section(std::slice::from_ref(&p.a_files))
     );
     let path = dir.path().join("good.toml");
     std::fs::write(&path, text).expect("write");
@@ -511,7 +510,7 @@ fn redirect_to_https_and_acme_challenges() {
             webroot.display()
         ),
     ) + "\n"
-        + &tls_section(&[p.a_files.clone()]);
+        + &tls_section(std::slice::from_ref(&p.a_files));
     let f = Ferry::start(&cfg);
     let tls = tls_addr(&f);
 
