@@ -369,6 +369,36 @@ impl ServerCertVerifier for NoVerify {
 mod tests {
     use super::*;
 
+    fn key() -> Arc<CertifiedKey> {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let der = rustls::pki_types::PrivatePkcs8KeyDer::from(kp.serialize_der()).into();
+        let signer = provider().key_provider.load_private_key(der).unwrap();
+        Arc::new(CertifiedKey::new(Vec::new(), signer))
+    }
+
+    #[test]
+    fn sni_exact_name_then_wildcard_then_the_first() {
+        let (a, w, x) = (key(), key(), key());
+        let s = BySni {
+            certs: vec![
+                (vec!["a.test".into()], Arc::clone(&a)),
+                (vec!["*.w.test".into()], Arc::clone(&w)),
+                (vec!["x.w.test".into()], Arc::clone(&x)),
+            ],
+        };
+        let picks = |name: Option<&str>, want: &Arc<CertifiedKey>| {
+            assert!(Arc::ptr_eq(s.pick(name).unwrap(), want), "{name:?}");
+        };
+        picks(Some("A.Test"), &a);
+        picks(Some("y.w.test"), &w);
+        // An exact name beats a wildcard listed before it.
+        picks(Some("x.w.test"), &x);
+        // A wildcard covers one label only; unknown names and no SNI get the first.
+        picks(Some("a.b.w.test"), &a);
+        picks(Some("w.test"), &a);
+        picks(None, &a);
+    }
+
     #[test]
     fn names_of_addresses() {
         let n = |a: &str| name_of_addr(a).map(|n| format!("{n:?}"));
