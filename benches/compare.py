@@ -11,9 +11,11 @@ of its process tree), each as a ratio to nginx measured in the same rounds.
              after one request) and report the proxy's memory per connection (RSS).
   --tls      every proxy terminates TLS on 127.0.0.1:8443 with one self-signed ECDSA
              P-256 certificate (made with the openssl CLI) in front of the same plain
-             backends, and two loads run: (a) keep-alive requests over https, (b) one
-             request per connection (`Connection: close`), so every request is a new
-             full TLS handshake (wrk does not resume sessions): handshakes/s.
+             backends, and three loads run: (a) keep-alive requests over https (wrk),
+             (b) one request per connection (wrk with `Connection: close`; wrk resumes
+             the TLS session of its previous connection, so these are mostly resumed
+             handshakes), (c) new full handshakes, nothing else (`openssl s_time -new`,
+             two clients): handshakes/s and the proxy's CPU time per handshake.
 
 Needs nginx and wrk (apt-get install -y nginx haproxy wrk); HAProxy when installed.
 
@@ -206,6 +208,26 @@ def run_load(cmd, secs, conns, url, extra=()):
     }
 
 
+def run_handshakes(cmd, secs, url, clients=2):
+    """Full TLS handshakes per second (openssl s_time -new, `clients` at once) and CPU per handshake."""
+    proc = start(cmd)
+    try:
+        if not wait_up(url):
+            return None
+        s_time = ["taskset", "-c", "1", "openssl", "s_time", "-connect", f"127.0.0.1:{PORT}", "-new"]
+        subprocess.run(s_time + ["-time", "2"], capture_output=True)
+        t0, w0 = cpu_ticks(proc.pid), time.time()
+        runs = [subprocess.Popen(s_time + ["-time", str(secs)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True) for _ in range(clients)]
+        outs = [r.communicate()[0] for r in runs]
+        t1, w1 = cpu_ticks(proc.pid), time.time()
+    finally:
+        stop(proc)
+    n = sum(int(re.search(r"(\d+) connections in [\d.]+s", o).group(1)) for o in outs)
+    return {"rps": n / (w1 - w0), "p50": 0.0, "p99": 0.0,
+            "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / max(n, 1) * 1e6, "errors": []}
+
+
 def run_idle(cmd, n, url):
     """KiB of proxy RSS per idle keep-alive client connection (n connections)."""
     import resource
@@ -299,13 +321,15 @@ def main():
         # (label, extra wrk arguments): with --tls, keep-alive requests and new handshakes.
         loads = [("keep-alive", ())]
         if a.tls:
-            loads = [("https keep-alive", ()), ("https new connection (handshake) per request",
-                                                ("-H", "Connection: close"))]
+            loads = [("https keep-alive", ()),
+                     ("https one request per connection (wrk: resumed sessions)", ("-H", "Connection: close")),
+                     ("full TLS handshakes (openssl s_time -new; no p50/p99)", None)]
         res = {(l, n): [] for l, _ in loads for n, _ in cands}
         for r in range(a.rounds):
             for label, extra in loads:
                 for n, c in cands:
-                    m = run_load(c, a.secs, a.conns, url, extra)
+                    m = (run_load(c, a.secs, a.conns, url, extra) if extra is not None
+                         else run_handshakes(c, a.secs, url))
                     if m is None:
                         sys.exit(f"{n} did not answer on {url}")
                     res[(label, n)].append(m)

@@ -69,8 +69,12 @@ pub struct Metrics {
     pub log_dropped: IntCounter,
     /// Requests no route matched.
     pub unrouted: AtomicU64,
-    /// `ferry_tls_handshakes_total`: completed TLS handshakes on TLS listeners.
-    pub tls_handshakes: IntCounter,
+    /// `ferry_tls_handshakes_total{kind="full"}`: completed full TLS handshakes
+    /// on TLS listeners.
+    pub tls_handshakes_full: IntCounter,
+    /// `ferry_tls_handshakes_total{kind="resumed"}`: completed ones that resumed
+    /// a session (ticket or session id).
+    pub tls_handshakes_resumed: IntCounter,
     /// `ferry_tls_handshake_errors_total`: failed or timed-out ones.
     pub tls_handshake_errors: IntCounter,
 }
@@ -130,9 +134,12 @@ impl Metrics {
         )
         .expect("valid metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let tls_handshakes = IntCounter::new(
-            "ferry_tls_handshakes_total",
-            "TLS handshakes completed on the TLS listeners.",
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "ferry_tls_handshakes_total",
+                "TLS handshakes completed on the TLS listeners, full or resumed.",
+            ),
+            &["kind"],
         )
         .expect("valid metric");
         let tls_handshake_errors = IntCounter::new(
@@ -164,7 +171,8 @@ impl Metrics {
             reloads,
             log_dropped,
             unrouted: AtomicU64::new(0),
-            tls_handshakes,
+            tls_handshakes_full: tls_handshakes.with_label_values(&["full"]),
+            tls_handshakes_resumed: tls_handshakes.with_label_values(&["resumed"]),
             tls_handshake_errors,
         }
     }

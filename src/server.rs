@@ -843,7 +843,10 @@ async fn serve_tls(
             return;
         }
     };
-    metrics.tls_handshakes.inc();
+    match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => metrics.tls_handshakes_resumed.inc(),
+        _ => metrics.tls_handshakes_full.inc(),
+    }
     // HTTP/1.1 is the only protocol `tls::ALPN` offers. HTTP/2 dispatches here
     // on `tls.get_ref().1.alpn_protocol() == Some(b"h2")`.
     serve_http(w, tls, remote, shared, stop, state, "https").await;
