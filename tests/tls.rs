@@ -476,6 +476,25 @@ fn bad_certificates_stop_startup_and_fail_check() {
             assert!(err.contains("tls.certificate[0]"), "{err}");
         }
     }
+    // An https upstream's CA file is checked the same way.
+    let text = config(
+        &format!(
+            "scheme = \"https\"\ntls_ca_file = \"{}\"",
+            p.a_files.1.display()
+        ),
+        "[[upstream.server]]\naddr = \"127.0.0.1:9\"\n",
+    );
+    let path = dir.path().join("ca.toml");
+    std::fs::write(&path, text).expect("write");
+    let out = Command::new(bin())
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run ferry");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("upstream[0].tls_ca_file"), "{err}");
+    assert!(err.contains("no certificate"), "{err}");
     // A good file passes check, which lists the certificate's names.
     let text = format!(
         "{}\n{}",
