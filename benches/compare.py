@@ -9,6 +9,13 @@ of its process tree), each as a ratio to nginx measured in the same rounds.
 
   --idle N   instead of throughput, open N idle keep-alive client connections (each
              after one request) and report the proxy's memory per connection (RSS).
+  --tls      every proxy terminates TLS on 127.0.0.1:8443 with one self-signed ECDSA
+             P-256 certificate (made with the openssl CLI) in front of the same plain
+             backends, and three loads run: (a) keep-alive requests over https (wrk),
+             (b) one request per connection (wrk with `Connection: close`; wrk resumes
+             the TLS session of its previous connection, so these are mostly resumed
+             handshakes), (c) new full handshakes, nothing else (`openssl s_time -new`,
+             two clients): handshakes/s and the proxy's CPU time per handshake.
 
 Needs nginx and wrk (apt-get install -y nginx haproxy wrk); HAProxy when installed.
 
@@ -16,6 +23,7 @@ Usage (from the repository root, after cargo build --release):
   python3 benches/compare.py --rounds 5
   python3 benches/compare.py --rounds 5 --ferry off=... --ferry on=...   # several ferry configs
   python3 benches/compare.py --idle 3000
+  python3 benches/compare.py --tls --rounds 5
 """
 import argparse, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
@@ -54,6 +62,40 @@ backend app
   server s2 127.0.0.1:9002
   server s3 127.0.0.1:9003
 """
+# TLS mode: the same proxies, terminating TLS (see --tls).
+NGINX_TLS_SERVER = """server {{ listen 127.0.0.1:8443 ssl; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}"""
+FERRY_TLS = """
+[tls]
+listen = ["127.0.0.1:8443"]
+[[tls.certificate]]
+cert = "{d}/cert.pem"
+key = "{d}/key.pem"
+"""
+
+# The port the proxies listen on (8443 with --tls).
+PORT = 8080
+
+
+def make_cert(d):
+    """A self-signed ECDSA P-256 certificate for bench.test and 127.0.0.1 (certbot's default key type)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", f"{d}/key.pem", "-out", f"{d}/cert.pem", "-days", "2",
+                    "-subj", "/CN=bench.test", "-addext", "subjectAltName=DNS:bench.test,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    with open(f"{d}/combined.pem", "w") as out:
+        out.write(open(f"{d}/cert.pem").read() + open(f"{d}/key.pem").read())
+
+
+def tls_configs(d):
+    """nginx, HAProxy and ferry configs that terminate TLS on 8443 (and listen on nothing else)."""
+    nginx = re.sub(r"server \{ listen 127\.0\.0\.1:8080;.*\} \}", lambda _: NGINX_TLS_SERVER.format(d=d),
+                   NGINX.format(d=d))
+    haproxy = HAPROXY.replace("bind 127.0.0.1:8080", f"bind 127.0.0.1:8443 ssl crt {d}/combined.pem alpn http/1.1")
+    ferry = open(f"{ROOT}/benches/ferry-bench.toml").read().replace(
+        'listen = ["127.0.0.1:8080"]', "listen = []") + FERRY_TLS.format(d=d)
+    return nginx, haproxy, ferry
 
 
 def tree(pid):
@@ -93,10 +135,14 @@ def rss_kib(pid):
 
 
 def wait_up(url, secs=10):
+    import ssl
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE
     end = time.time() + secs
     while time.time() < end:
         try:
-            urllib.request.urlopen(url, timeout=1).read()
+            urllib.request.urlopen(url, timeout=1, context=insecure).read()
             return True
         except Exception:
             time.sleep(0.1)
@@ -118,8 +164,8 @@ def to_ms(s):
 
 
 def start(cmd):
-    if port_busy(8080):
-        sys.exit("port 8080 is already in use: stop whatever listens there first")
+    if port_busy(PORT):
+        sys.exit(f"port {PORT} is already in use: stop whatever listens there first")
     return subprocess.Popen(["taskset", "-c", "0", "sh", "-c", "exec " + cmd], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
@@ -135,19 +181,19 @@ def stop(proc):
             pass
         proc.wait()
     end = time.time() + 5
-    while port_busy(8080) and time.time() < end:
+    while port_busy(PORT) and time.time() < end:
         time.sleep(0.05)
 
 
-def run_load(cmd, secs, conns, url):
+def run_load(cmd, secs, conns, url, extra=()):
     proc = start(cmd)
     try:
         if not wait_up(url):
             return None
-        subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", "-d2s", url], capture_output=True)
+        wrk = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", *extra]
+        subprocess.run(wrk + ["-d2s", url], capture_output=True)
         t0 = cpu_ticks(proc.pid)
-        out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", f"-d{secs}s", "--latency", url],
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(wrk + [f"-d{secs}s", "--latency", url], capture_output=True, text=True).stdout
         t1 = cpu_ticks(proc.pid)
     finally:
         stop(proc)
@@ -160,6 +206,26 @@ def run_load(cmd, secs, conns, url):
         "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / reqs * 1e6,
         "errors": errors,
     }
+
+
+def run_handshakes(cmd, secs, url, clients=2):
+    """Full TLS handshakes per second (openssl s_time -new, `clients` at once) and CPU per handshake."""
+    proc = start(cmd)
+    try:
+        if not wait_up(url):
+            return None
+        s_time = ["taskset", "-c", "1", "openssl", "s_time", "-connect", f"127.0.0.1:{PORT}", "-new"]
+        subprocess.run(s_time + ["-time", "2"], capture_output=True)
+        t0, w0 = cpu_ticks(proc.pid), time.time()
+        runs = [subprocess.Popen(s_time + ["-time", str(secs)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                 text=True) for _ in range(clients)]
+        outs = [r.communicate()[0] for r in runs]
+        t1, w1 = cpu_ticks(proc.pid), time.time()
+    finally:
+        stop(proc)
+    n = sum(int(re.search(r"(\d+) connections in [\d.]+s", o).group(1)) for o in outs)
+    return {"rps": n / (w1 - w0), "p50": 0.0, "p99": 0.0,
+            "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / max(n, 1) * 1e6, "errors": []}
 
 
 def run_idle(cmd, n, url):
@@ -206,17 +272,28 @@ def main():
     ap.add_argument("--conns", type=int, default=50)
     ap.add_argument("--idle", type=int, default=0, help="measure memory per idle connection with N connections")
     ap.add_argument("--no-haproxy", action="store_true")
+    ap.add_argument("--tls", action="store_true", help="terminate TLS: keep-alive req/s and handshakes/s over https")
     a = ap.parse_args()
+    global PORT
+    d = tempfile.mkdtemp(prefix="ferry-bench-")
     ferries = [f.split("=", 1) for f in a.ferry] or [
         ["ferry", f"{ROOT}/target/release/ferry --config {ROOT}/benches/ferry-bench.toml"]]
-    d = tempfile.mkdtemp(prefix="ferry-bench-")
-    for name, text in [("backend.conf", BACKEND), ("nginx.conf", NGINX), ("haproxy.cfg", HAPROXY)]:
-        open(f"{d}/{name}", "w").write(text.format(d=d) if name != "haproxy.cfg" else text)
-    busy = [p for p in (8080, 9001, 9002, 9003) if port_busy(p)]
+    configs = [("backend.conf", BACKEND.format(d=d)), ("nginx.conf", NGINX.format(d=d)), ("haproxy.cfg", HAPROXY)]
+    if a.tls:
+        PORT = 8443
+        make_cert(d)
+        nginx, haproxy, ferry = tls_configs(d)
+        configs = [("backend.conf", BACKEND.format(d=d)), ("nginx.conf", nginx), ("haproxy.cfg", haproxy),
+                   ("ferry.toml", ferry)]
+        if not a.ferry:
+            ferries = [["ferry", f"{ROOT}/target/release/ferry --config {d}/ferry.toml"]]
+    for name, text in configs:
+        open(f"{d}/{name}", "w").write(text)
+    busy = [p for p in (PORT, 9001, 9002, 9003) if port_busy(p)]
     if busy:
         sys.exit(f"ports already in use: {busy}; stop whatever listens there first")
     backend = subprocess.Popen(["taskset", "-c", "1", "nginx", "-c", f"{d}/backend.conf"], start_new_session=True)
-    url = "http://127.0.0.1:8080/"
+    url = "https://127.0.0.1:8443/" if a.tls else "http://127.0.0.1:8080/"
     try:
         if not wait_up("http://127.0.0.1:9001/"):
             sys.exit("backends did not start (is nginx installed? is 9001 free?)")
@@ -241,24 +318,34 @@ def main():
                 m = statistics.median(x["kib_per_conn"] for x in v)
                 print(f"{n:10} {m:9.2f} | {m / max(base, 1e-9):8.2f}")
             return
-        res = {n: [] for n, _ in cands}
+        # (label, extra wrk arguments): with --tls, keep-alive requests and new handshakes.
+        loads = [("keep-alive", ())]
+        if a.tls:
+            loads = [("https keep-alive", ()),
+                     ("https one request per connection (wrk: resumed sessions)", ("-H", "Connection: close")),
+                     ("full TLS handshakes (openssl s_time -new; no p50/p99)", None)]
+        res = {(l, n): [] for l, _ in loads for n, _ in cands}
         for r in range(a.rounds):
-            for n, c in cands:
-                m = run_load(c, a.secs, a.conns, url)
-                if m is None:
-                    sys.exit(f"{n} did not answer on {url}")
-                res[n].append(m)
-                print(f"round {r+1} {n:10} rps={m['rps']:.0f} p50={m['p50']:.2f}ms p99={m['p99']:.2f}ms "
-                      f"cpu={m['us_per_req']:.2f}us/req {' '.join(m['errors'])}", flush=True)
-        med = {n: {k: statistics.median(x[k] for x in v) for k in ("rps", "p50", "p99", "us_per_req")}
-               for n, v in res.items()}
-        print(f"\nmedians over {a.rounds} rounds ({a.conns} connections, {a.secs}s each)")
-        print(f"{'proxy':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} | vs nginx: req/s  cpu/req    p99")
-        b = med["nginx"]
-        for n, m in med.items():
-            print(f"{n:10} {m['rps']:9.0f} {m['p50']:7.2f} {m['p99']:7.2f} {m['us_per_req']:10.2f} | "
-                  f"{m['rps'] / b['rps']:14.2f} {m['us_per_req'] / max(b['us_per_req'], 1e-9):8.2f} "
-                  f"{m['p99'] / max(b['p99'], 1e-9):6.2f}")
+            for label, extra in loads:
+                for n, c in cands:
+                    m = (run_load(c, a.secs, a.conns, url, extra) if extra is not None
+                         else run_handshakes(c, a.secs, url))
+                    if m is None:
+                        sys.exit(f"{n} did not answer on {url}")
+                    res[(label, n)].append(m)
+                    print(f"round {r+1} {label[:10]:10} {n:10} rps={m['rps']:.0f} p50={m['p50']:.2f}ms "
+                          f"p99={m['p99']:.2f}ms cpu={m['us_per_req']:.2f}us/req {' '.join(m['errors'])}",
+                          flush=True)
+        for label, _ in loads:
+            med = {n: {k: statistics.median(x[k] for x in res[(label, n)])
+                       for k in ("rps", "p50", "p99", "us_per_req")} for n, _ in cands}
+            print(f"\n{label}: medians over {a.rounds} rounds ({a.conns} connections, {a.secs}s each)")
+            print(f"{'proxy':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} | vs nginx: req/s  cpu/req    p99")
+            b = med["nginx"]
+            for n, m in med.items():
+                print(f"{n:10} {m['rps']:9.0f} {m['p50']:7.2f} {m['p99']:7.2f} {m['us_per_req']:10.2f} | "
+                      f"{m['rps'] / b['rps']:14.2f} {m['us_per_req'] / max(b['us_per_req'], 1e-9):8.2f} "
+                      f"{m['p99'] / max(b['p99'], 1e-9):6.2f}")
     finally:
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait()

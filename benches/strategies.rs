@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use ferry::balance::{self, RequestKey};
-use ferry::config::{NextUpstream, StrategyKind, UpstreamConfig};
+use ferry::config::{NextUpstream, StrategyKind, UpstreamConfig, UpstreamScheme};
 use ferry::peer::{Peer, PeerParams, Tried, now_ms};
 
 fn peers(n: usize) -> Vec<Arc<Peer>> {
@@ -51,6 +51,8 @@ fn upstream(strategy: StrategyKind, consistent: bool, random_two: bool) -> Upstr
         retry_buffer: 64 * 1024,
         queue: 0,
         queue_timeout: Duration::from_secs(60),
+        scheme: UpstreamScheme::Http,
+        tls: None,
         servers: Vec::new(),
         health_check: None,
     }

@@ -18,7 +18,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::body::ReqBody;
+use crate::config::UpstreamTls;
 use crate::peer::Peer;
+use crate::tls::ClientTls;
 
 /// How often a worker sweeps its pool for expired or closed idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
@@ -58,6 +60,9 @@ pub enum ConnectError {
     Timeout,
     /// The connect failed.
     Io(io::Error),
+    /// The TLS handshake with an `https` peer failed (its certificate did not
+    /// verify, say).
+    Tls(io::Error),
     /// The HTTP handshake failed.
     Handshake(hyper::Error),
 }
@@ -67,6 +72,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::Timeout => f.write_str("connect timed out"),
             ConnectError::Io(e) => write!(f, "connect failed: {e}"),
+            ConnectError::Tls(e) => write!(f, "TLS handshake failed: {e}"),
             ConnectError::Handshake(e) => write!(f, "handshake failed: {e}"),
         }
     }
@@ -145,18 +151,52 @@ async fn sweep_forever() {
     }
 }
 
-/// Open a new connection to `peer` within `timeout`.
-pub async fn connect(peer: &Peer, timeout: Duration) -> Result<Conn, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(peer.addr)).await {
+/// Open a new connection to `peer` within `timeout` (the TCP connect and, for
+/// an `https` upstream, the TLS handshake). TLS connections are pooled exactly
+/// as plain ones: the pool holds the HTTP sender, whatever runs beneath it.
+pub async fn connect(
+    peer: &Peer,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<Conn, ConnectError> {
+    let deadline = Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(peer.addr)).await {
         Err(_) => return Err(ConnectError::Timeout),
         Ok(Err(e)) => return Err(ConnectError::Io(e)),
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
     peer.stats.connects.fetch_add(1, Relaxed);
+    let tx = match tls {
+        None => handshake(stream).await?,
+        Some(tls) => {
+            // Settings are loaded with the file; never fall back to plain text.
+            let tls: &ClientTls = tls.loaded.as_ref().ok_or_else(|| {
+                ConnectError::Tls(io::Error::other("TLS client settings not loaded"))
+            })?;
+            let hello = tls.connect(&peer.params.name, stream);
+            match tokio::time::timeout_at(deadline, hello).await {
+                Err(_) => return Err(ConnectError::Timeout),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Ok(Ok(s)) => handshake(s).await?,
+            }
+        }
+    };
+    Ok(Conn {
+        tx,
+        fresh: true,
+        idle: Duration::ZERO,
+    })
+}
+
+/// Start HTTP/1.1 on a connected stream; its connection task runs on this worker.
+async fn handshake<I>(io: I) -> Result<SendRequest<ReqBody>, ConnectError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (tx, conn) = http1::Builder::new()
         .preserve_header_case(false)
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(ConnectError::Handshake)?;
     tokio::spawn(async move {
@@ -164,9 +204,5 @@ pub async fn connect(peer: &Peer, timeout: Duration) -> Result<Conn, ConnectErro
             tracing::debug!(error = %e, "upstream connection ended with an error");
         }
     });
-    Ok(Conn {
-        tx,
-        fresh: true,
-        idle: Duration::ZERO,
-    })
+    Ok(tx)
 }

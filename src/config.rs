@@ -29,6 +29,71 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// `[[route]]`, in file order (a single upstream with no routes gets a `*` `/` route).
     pub routes: Vec<RouteConfig>,
+    /// `[tls]`: TLS listeners and their certificates.
+    pub tls: Option<TlsConfig>,
+}
+
+/// Where a value was written, for errors found after parsing (say, a file it
+/// names cannot be used).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Place {
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column.
+    pub col: usize,
+    /// Dotted key path.
+    pub key: String,
+}
+
+/// A file named in the configuration, and where it was named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileRef {
+    /// The path, relative ones taken from the config file's directory.
+    pub path: PathBuf,
+    /// Where the file was named.
+    pub place: Place,
+}
+
+/// One `[[tls.certificate]]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateConfig {
+    /// The certificate chain (PEM, leaf first: certbot's `fullchain.pem`).
+    pub cert: FileRef,
+    /// Its private key (PEM: PKCS#8, PKCS#1 or SEC1; certbot's `privkey.pem`).
+    pub key: FileRef,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Addresses to accept TLS connections on.
+    pub listen: Vec<SocketAddr>,
+    /// Certificates, chosen by SNI; the first is the default.
+    pub certificates: Vec<CertificateConfig>,
+    /// The certificates loaded (by [`crate::tls::load`]); `None` until then.
+    pub loaded: Option<crate::tls::ServerTls>,
+}
+
+/// How ferry talks to an upstream's servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamScheme {
+    /// Plain HTTP/1.1.
+    Http,
+    /// HTTP/1.1 over TLS.
+    Https,
+}
+
+/// TLS towards an upstream (`scheme = "https"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamTls {
+    /// Verify the server's certificate chain and name.
+    pub verify: bool,
+    /// CA certificates to verify against instead of the built-in roots.
+    pub ca_file: Option<FileRef>,
+    /// SNI and the name verified; default: the host part of each server's `addr`.
+    pub server_name: Option<String>,
+    /// The client settings built (by [`crate::tls::load`]); `None` until then.
+    pub loaded: Option<crate::tls::ClientTls>,
 }
 
 /// `[server]`: the client-facing listeners.
@@ -48,6 +113,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
+    /// Plain listeners answer 301 to `https://host/uri` (nginx's `return 301
+    /// https://$host$request_uri;`).
+    pub redirect_https: bool,
+    /// Plain listeners serve `/.well-known/acme-challenge/<token>` from
+    /// `<acme_webroot>/.well-known/acme-challenge/<token>` (certbot's webroot).
+    pub acme_webroot: Option<PathBuf>,
 }
 
 /// `[admin]`.
@@ -227,6 +298,10 @@ pub struct UpstreamConfig {
     pub queue: usize,
     /// Longest wait in that queue.
     pub queue_timeout: Duration,
+    /// `http` or `https`.
+    pub scheme: UpstreamScheme,
+    /// TLS settings, with `scheme = "https"`.
+    pub tls: Option<UpstreamTls>,
     /// Servers, in file order.
     pub servers: Vec<ServerEntry>,
     /// Active checks.
@@ -287,6 +362,17 @@ impl std::fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// An error about a value written at `place` (e.g. a file it names is unusable).
+    pub fn error_at(&self, place: &Place, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.path.clone(),
+            line: place.line,
+            col: place.col,
+            key: place.key.clone(),
+            message: message.into(),
+        }
+    }
+
     /// Read and validate a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -336,6 +422,24 @@ struct RawConfig {
     upstream: Vec<Spanned<RawUpstream>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    tls: Option<Spanned<RawTls>>,
+}
+
+/// `[tls]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    certificate: Vec<Spanned<RawCertificate>>,
+}
+
+/// `[[tls.certificate]]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: Spanned<String>,
+    key: Spanned<String>,
 }
 
 /// `[server]`.
@@ -349,6 +453,8 @@ struct RawServer {
     client_max_body_size: Option<Size>,
     max_connections: Option<Spanned<usize>>,
     shutdown_timeout: Option<Dur>,
+    redirect_https: Option<bool>,
+    acme_webroot: Option<Spanned<String>>,
 }
 
 /// `[admin]`.
@@ -395,6 +501,10 @@ struct RawUpstream {
     retry_buffer: Option<Size>,
     queue: Option<usize>,
     queue_timeout: Option<Dur>,
+    scheme: Option<Spanned<String>>,
+    tls_verify: Option<Spanned<bool>>,
+    tls_ca_file: Option<Spanned<String>>,
+    tls_server_name: Option<Spanned<String>>,
     #[serde(default)]
     server: Vec<Spanned<RawServerEntry>>,
     health_check: Option<RawHealthCheck>,
@@ -986,7 +1096,10 @@ impl Config {
     /// Writes [`Config::summary`].
     fn write_summary(&self, out: &mut String) -> std::fmt::Result {
         let s = &self.server;
-        let listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        let mut listen: Vec<String> = s.listen.iter().map(ToString::to_string).collect();
+        if listen.is_empty() {
+            listen.push("(no plain listener)".to_owned());
+        }
         let workers = if s.workers == 0 {
             "auto".to_owned()
         } else {
@@ -1054,6 +1167,38 @@ impl Config {
                 ),
             ]);
         }
+        if let Some(t) = &self.tls {
+            let listen: Vec<String> = t.listen.iter().map(ToString::to_string).collect();
+            rows.push(vec!["tls".to_owned(), listen.join(", ")]);
+            for (i, c) in t.certificates.iter().enumerate() {
+                let names = t
+                    .loaded
+                    .as_ref()
+                    .and_then(|l| l.names.get(i))
+                    .filter(|n| !n.is_empty())
+                    .map(|n| format!("  ({})", n.join(" ")))
+                    .unwrap_or_default();
+                let default = if i == 0 { "  default" } else { "" };
+                rows.push(vec![
+                    String::new(),
+                    format!(
+                        "cert {}  key {}{names}{default}",
+                        c.cert.path.display(),
+                        c.key.path.display()
+                    ),
+                ]);
+            }
+        }
+        if s.redirect_https || s.acme_webroot.is_some() {
+            let mut plain = Vec::new();
+            if s.redirect_https {
+                plain.push("redirect to https".to_owned());
+            }
+            if let Some(w) = &s.acme_webroot {
+                plain.push(format!("acme challenges from {}", w.display()));
+            }
+            rows.push(vec!["plain".to_owned(), plain.join(", ")]);
+        }
         write_table(out, "", &rows)?;
         for u in &self.upstreams {
             writeln!(out)?;
@@ -1068,6 +1213,19 @@ impl Config {
                 strategy.push_str(" two");
             }
             writeln!(out, "upstream {}  {strategy}", u.name)?;
+            if let Some(t) = &u.tls {
+                let verify = match (&t.ca_file, t.verify) {
+                    (_, false) => "off".to_owned(),
+                    (Some(f), true) => format!("against {}", f.path.display()),
+                    (None, true) => "against the built-in roots".to_owned(),
+                };
+                let name = t
+                    .server_name
+                    .as_ref()
+                    .map(|n| format!("  server name {n}"))
+                    .unwrap_or_default();
+                writeln!(out, "  https  verify {verify}{name}")?;
+            }
             let tries = if u.next_upstream_tries == 0 {
                 "auto".to_owned()
             } else {
@@ -1271,8 +1429,12 @@ impl Ctx<'_> {
 
     /// Validates the raw file into a [`Config`].
     fn validate(&self, raw: RawConfig) -> Result<Config, ConfigError> {
-        let (server, listen_spans) = self.server(raw.server)?;
+        let (server, listen_spans) = self.server(raw.server, raw.tls.is_some())?;
         let admin = self.admin(raw.admin, &server.listen, &listen_spans)?;
+        let tls = match raw.tls {
+            Some(t) => Some(self.tls(t, &server.listen, admin.listen)?),
+            None => None,
+        };
         let log = self.log(raw.log)?;
         let resolver = self.resolver(raw.resolver)?;
         if raw.upstream.is_empty() {
@@ -1319,7 +1481,177 @@ impl Ctx<'_> {
             resolver,
             upstreams,
             routes,
+            tls,
         })
+    }
+
+    /// A path named in the file: relative ones are taken from the file's directory.
+    fn file_ref(&self, value: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
+        let text = value.get_ref().trim();
+        if text.is_empty() {
+            return Err(self.err(
+                value.span(),
+                key,
+                "must not be empty (expected a file path)",
+            ));
+        }
+        let (line, col) = line_col(self.text, value.span().start);
+        let path = Path::new(text);
+        let path = match self.file.parent() {
+            Some(dir) if path.is_relative() => dir.join(path),
+            _ => path.to_path_buf(),
+        };
+        Ok(FileRef {
+            path,
+            place: Place { line, col, key },
+        })
+    }
+
+    /// `[tls]`: its listeners must not overlap the plain or admin ones.
+    fn tls(
+        &self,
+        t: Spanned<RawTls>,
+        server_listen: &[SocketAddr],
+        admin: Option<SocketAddr>,
+    ) -> Result<TlsConfig, ConfigError> {
+        let span = t.span();
+        let t = t.into_inner();
+        let list_span = t.listen.span();
+        let items = t.listen.into_inner();
+        if items.is_empty() {
+            return Err(self.err(
+                list_span,
+                "tls.listen",
+                "needs at least one address, e.g. [\"0.0.0.0:443\"]",
+            ));
+        }
+        let overlaps = |a: SocketAddr, b: SocketAddr| {
+            a.port() != 0
+                && a.port() == b.port()
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        };
+        let mut listen: Vec<SocketAddr> = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            let key = format!("tls.listen[{i}]");
+            let addr =
+                parse_listen(item.get_ref()).map_err(|m| self.err(item.span(), key.as_str(), m))?;
+            if addr.port() != 0 && listen.contains(&addr) {
+                return Err(self.err(item.span(), key, format!("{addr} is listed twice")));
+            }
+            if let Some(s) = server_listen.iter().find(|s| overlaps(addr, **s)) {
+                return Err(self.err(
+                    item.span(),
+                    key,
+                    format!("{addr} overlaps server.listen {s}; a port is either plain or TLS"),
+                ));
+            }
+            if let Some(a) = admin.filter(|a| overlaps(addr, *a)) {
+                return Err(self.err(
+                    item.span(),
+                    key,
+                    format!("{addr} overlaps the admin listener {a}"),
+                ));
+            }
+            listen.push(addr);
+        }
+        if t.certificate.is_empty() {
+            return Err(self.err(
+                span,
+                "tls.certificate",
+                "[tls] needs at least one [[tls.certificate]] with cert and key",
+            ));
+        }
+        let mut certificates = Vec::with_capacity(t.certificate.len());
+        for (i, c) in t.certificate.iter().enumerate() {
+            let c = c.get_ref();
+            certificates.push(CertificateConfig {
+                cert: self.file_ref(&c.cert, format!("tls.certificate[{i}].cert"))?,
+                key: self.file_ref(&c.key, format!("tls.certificate[{i}].key"))?,
+            });
+        }
+        Ok(TlsConfig {
+            listen,
+            certificates,
+            loaded: None,
+        })
+    }
+
+    /// `scheme` and the `tls_*` keys of one upstream.
+    fn upstream_scheme(
+        &self,
+        key: &str,
+        u: &RawUpstream,
+    ) -> Result<(UpstreamScheme, Option<UpstreamTls>), ConfigError> {
+        let scheme = match &u.scheme {
+            None => UpstreamScheme::Http,
+            Some(s) => match s.get_ref().as_str() {
+                "http" => UpstreamScheme::Http,
+                "https" => UpstreamScheme::Https,
+                other => {
+                    return Err(self.err(
+                        s.span(),
+                        format!("{key}.scheme"),
+                        format!("unknown scheme \"{other}\"; expected \"http\" or \"https\""),
+                    ));
+                }
+            },
+        };
+        if scheme == UpstreamScheme::Http {
+            let stray = [
+                ("tls_verify", u.tls_verify.as_ref().map(Spanned::span)),
+                ("tls_ca_file", u.tls_ca_file.as_ref().map(Spanned::span)),
+                (
+                    "tls_server_name",
+                    u.tls_server_name.as_ref().map(Spanned::span),
+                ),
+            ];
+            if let Some((name, Some(at))) = stray.into_iter().find(|(_, s)| s.is_some()) {
+                return Err(self.err(
+                    at,
+                    format!("{key}.{name}"),
+                    format!(
+                        "{name} only applies to scheme = \"https\" (this upstream uses \"http\")"
+                    ),
+                ));
+            }
+            return Ok((scheme, None));
+        }
+        let verify = u.tls_verify.as_ref().is_none_or(|v| *v.get_ref());
+        let ca_file = match &u.tls_ca_file {
+            Some(f) if !verify => {
+                return Err(self.err(
+                    f.span(),
+                    format!("{key}.tls_ca_file"),
+                    "tls_ca_file is for verifying, and tls_verify = false turns verifying off; remove one of them",
+                ));
+            }
+            Some(f) => Some(self.file_ref(f, format!("{key}.tls_ca_file"))?),
+            None => None,
+        };
+        let server_name = match &u.tls_server_name {
+            Some(n) => {
+                let text = n.get_ref().trim();
+                let name = text.strip_suffix('.').unwrap_or(text);
+                if name.parse::<IpAddr>().is_err() && !is_hostname(name) {
+                    return Err(self.err(
+                        n.span(),
+                        format!("{key}.tls_server_name"),
+                        format!("invalid server name \"{text}\": expected a DNS name such as \"api.internal\" or an IP address"),
+                    ));
+                }
+                Some(name.to_ascii_lowercase())
+            }
+            None => None,
+        };
+        Ok((
+            scheme,
+            Some(UpstreamTls {
+                verify,
+                ca_file,
+                server_name,
+                loaded: None,
+            }),
+        ))
     }
 
     /// `[resolver]`: `addr` is an IP with an optional port (53).
@@ -1359,14 +1691,19 @@ impl Ctx<'_> {
     }
 
     /// `[server]`, and the spans of the listen addresses when written.
-    fn server(&self, r: RawServer) -> Result<(ServerConfig, Vec<Range<usize>>), ConfigError> {
+    fn server(
+        &self,
+        r: RawServer,
+        has_tls: bool,
+    ) -> Result<(ServerConfig, Vec<Range<usize>>), ConfigError> {
         let mut spans = Vec::new();
         let listen = match r.listen {
             None => vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
             Some(list) => {
                 let span = list.span();
                 let items = list.into_inner();
-                if items.is_empty() {
+                // With TLS listeners, no plain one is needed.
+                if items.is_empty() && !has_tls {
                     return Err(self.err(
                         span,
                         "server.listen",
@@ -1393,6 +1730,10 @@ impl Ctx<'_> {
             Duration::from_secs(10),
             "server.client_header_timeout",
         )?;
+        let acme_webroot = match &r.acme_webroot {
+            Some(w) => Some(self.file_ref(w, "server.acme_webroot".to_owned())?.path),
+            None => None,
+        };
         let max_connections = match r.max_connections {
             Some(n) if *n.get_ref() == 0 => {
                 return Err(self.err(n.span(), "server.max_connections", "must be at least 1"));
@@ -1408,6 +1749,8 @@ impl Ctx<'_> {
             client_max_body_size: r.client_max_body_size.map_or(10 << 20, |s| s.0),
             max_connections,
             shutdown_timeout: r.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            redirect_https: r.redirect_https.unwrap_or(false),
+            acme_webroot,
         };
         Ok((server, spans))
     }
@@ -1556,6 +1899,7 @@ impl Ctx<'_> {
             },
         };
         let hash_key = self.hash_key(&key, &span, &u, strategy)?;
+        let (scheme, tls) = self.upstream_scheme(&key, &u)?;
         let consistent = self.strategy_flag(
             &u.consistent,
             strategy,
@@ -1647,6 +1991,8 @@ impl Ctx<'_> {
             retry_buffer: u.retry_buffer.map_or(64 * 1024, |s| s.0),
             queue: u.queue.unwrap_or(0),
             queue_timeout: u.queue_timeout.map_or(Duration::from_secs(60), |d| d.0),
+            scheme,
+            tls,
             servers,
             health_check,
         })
@@ -3006,6 +3352,172 @@ mandatory = true
         check(&e, 2, 20, "resolver.resolve_interval", "greater than zero");
         let e = err(&format!("[resolver]\nport = 53\n{ONE}"));
         assert!(e.to_string().contains("port"), "{e}");
+    }
+
+    /// A `[tls]` section with one certificate.
+    const TLS: &str = "[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"fullchain.pem\"\nkey = \"privkey.pem\"\n";
+
+    #[test]
+    fn tls_keys_are_read() {
+        let c = Config::parse(
+            &format!(
+                "[server]\nlisten = [\"0.0.0.0:80\"]\nredirect_https = true\nacme_webroot = \"/var/www/certbot\"\n{ONE}{TLS}[[tls.certificate]]\ncert = \"/etc/b.pem\"\nkey = \"/etc/b.key\"\n"
+            ),
+            Path::new("/etc/ferry/ferry.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.server.redirect_https);
+        assert_eq!(
+            c.server.acme_webroot,
+            Some(PathBuf::from("/var/www/certbot"))
+        );
+        let t = c.tls.unwrap_or_else(|| panic!("tls"));
+        assert_eq!(t.listen, vec![SocketAddr::from(([0, 0, 0, 0], 443))]);
+        assert_eq!(t.certificates.len(), 2);
+        // Relative paths are taken from the config file's directory.
+        assert_eq!(
+            t.certificates[0].cert.path,
+            Path::new("/etc/ferry/fullchain.pem")
+        );
+        assert_eq!(
+            t.certificates[0].key.path,
+            Path::new("/etc/ferry/privkey.pem")
+        );
+        assert_eq!(t.certificates[1].cert.path, Path::new("/etc/b.pem"));
+        assert_eq!(
+            t.certificates[0].cert.place,
+            Place {
+                line: 12,
+                col: 8,
+                key: "tls.certificate[0].cert".into()
+            }
+        );
+        assert!(
+            t.loaded.is_none(),
+            "files are read by tls::load, not by parse"
+        );
+        // Defaults: no redirect, no webroot, no TLS; a TLS-only file needs no plain listener.
+        let d = ok(ONE);
+        assert!(!d.server.redirect_https && d.server.acme_webroot.is_none() && d.tls.is_none());
+        let only_tls = ok(&format!("[server]\nlisten = []\n{ONE}{TLS}"));
+        assert!(only_tls.server.listen.is_empty());
+    }
+
+    #[test]
+    fn upstream_tls_keys_are_read() {
+        let c = ok(&format!(
+            "{ONE}[[upstream]]\nname = \"b\"\nscheme = \"https\"\ntls_ca_file = \"/etc/ssl/ca.pem\"\ntls_server_name = \"API.internal\"\n[[upstream.server]]\naddr = \"127.0.0.1:443\"\n[[upstream]]\nname = \"c\"\nscheme = \"https\"\ntls_verify = false\n[[upstream.server]]\naddr = \"127.0.0.1:444\"\n[[route]]\nupstream = \"a\"\n"
+        ));
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::Http);
+        assert!(c.upstreams[0].tls.is_none());
+        let b = c.upstreams[1].tls.clone().unwrap_or_else(|| panic!("tls"));
+        assert_eq!(c.upstreams[1].scheme, UpstreamScheme::Https);
+        assert!(b.verify);
+        assert_eq!(
+            b.ca_file.map(|f| f.path),
+            Some(PathBuf::from("/etc/ssl/ca.pem"))
+        );
+        assert_eq!(b.server_name.as_deref(), Some("api.internal"));
+        let t = c.upstreams[2].tls.clone().unwrap_or_else(|| panic!("tls"));
+        assert!(!t.verify && t.ca_file.is_none() && t.server_name.is_none());
+    }
+
+    #[test]
+    fn error_tls_section() {
+        let e = err(&format!("{ONE}[tls]\nlisten = []\n"));
+        check(&e, 6, 10, "tls.listen", "at least one address");
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"443\"]\n"));
+        check(&e, 6, 11, "tls.listen[0]", "expected ip:port");
+        let e = err(&format!(
+            "[server]\nlisten = [\"0.0.0.0:443\"]\n{ONE}[tls]\nlisten = [\"127.0.0.1:443\"]\n"
+        ));
+        check(
+            &e,
+            8,
+            11,
+            "tls.listen[0]",
+            "overlaps server.listen 0.0.0.0:443",
+        );
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"127.0.0.1:9180\"]\n"));
+        check(&e, 6, 11, "tls.listen[0]", "overlaps the admin listener");
+        let e = err(&format!("{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n"));
+        check(
+            &e,
+            5,
+            1,
+            "tls.certificate",
+            "at least one [[tls.certificate]]",
+        );
+        let e = err(&format!("{ONE}[tls]\ncertificate = []\n"));
+        assert!(e.message.contains("missing required key `listen`"), "{e}");
+        let e = err(&format!(
+            "{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"a.pem\"\n"
+        ));
+        check(
+            &e,
+            7,
+            1,
+            "tls.certificate[0].key",
+            "missing required key `key`",
+        );
+        let e = err(&format!(
+            "{ONE}[tls]\nlisten = [\"0.0.0.0:443\"]\n[[tls.certificate]]\ncert = \"\"\nkey = \"k.pem\"\n"
+        ));
+        check(&e, 8, 8, "tls.certificate[0].cert", "must not be empty");
+        let e = err(&format!("{ONE}{TLS}chain = \"x.pem\"\n"));
+        check(&e, 10, 1, "tls.certificate[0].chain", "unknown key `chain`");
+        let e = err(&format!("[server]\nacme_webroot = \"\"\n{ONE}"));
+        check(&e, 2, 16, "server.acme_webroot", "must not be empty");
+        let e = err(&format!("[server]\nredirect_https = \"yes\"\n{ONE}"));
+        check(&e, 2, 18, "server.redirect_https", "invalid type");
+    }
+
+    #[test]
+    fn error_upstream_tls_keys() {
+        let up = "[[upstream]]\nname = \"a\"\n";
+        let srv = "[[upstream.server]]\naddr = \"127.0.0.1:81\"\n";
+        let e = err(&format!("{up}scheme = \"ftp\"\n{srv}"));
+        check(
+            &e,
+            3,
+            10,
+            "upstream[0].scheme",
+            "expected \"http\" or \"https\"",
+        );
+        let e = err(&format!("{up}tls_verify = false\n{srv}"));
+        check(
+            &e,
+            3,
+            14,
+            "upstream[0].tls_verify",
+            "only applies to scheme = \"https\"",
+        );
+        let e = err(&format!("{up}tls_server_name = \"x\"\n{srv}"));
+        check(
+            &e,
+            3,
+            19,
+            "upstream[0].tls_server_name",
+            "only applies to scheme",
+        );
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_verify = false\ntls_ca_file = \"ca.pem\"\n{srv}"
+        ));
+        check(&e, 5, 15, "upstream[0].tls_ca_file", "tls_verify = false");
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_server_name = \"bad name\"\n{srv}"
+        ));
+        check(
+            &e,
+            4,
+            19,
+            "upstream[0].tls_server_name",
+            "invalid server name",
+        );
+        let e = err(&format!(
+            "{up}scheme = \"https\"\ntls_ca_file = \" \"\n{srv}"
+        ));
+        check(&e, 4, 15, "upstream[0].tls_ca_file", "must not be empty");
     }
 
     #[test]

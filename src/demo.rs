@@ -71,6 +71,18 @@ pub struct Backend {
     pub peak_in_flight: Arc<AtomicU64>,
     /// The listener's life: [`Backend::kill`] and [`Backend::restart`].
     life: Arc<Life>,
+    /// Speak TLS with these settings (an `https` upstream), or plain HTTP.
+    tls: Option<BackendTls>,
+}
+
+/// A backend's TLS settings.
+#[derive(Clone)]
+struct BackendTls(tokio_rustls::TlsAcceptor);
+
+impl std::fmt::Debug for BackendTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackendTls")
+    }
 }
 
 /// What [`Backend::kill`] acts on.
@@ -237,6 +249,23 @@ fn reply(status: StatusCode, text: String) -> Reply {
 impl Backend {
     /// Start a backend on `addr` (port 0 for any) in the current tokio runtime.
     pub async fn start(addr: SocketAddr, name: &str) -> std::io::Result<Backend> {
+        Backend::start_with(addr, name, None).await
+    }
+
+    /// Start a backend that speaks HTTPS with `tls` (an `https` upstream for tests).
+    pub async fn start_tls(
+        addr: SocketAddr,
+        name: &str,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> std::io::Result<Backend> {
+        Backend::start_with(addr, name, Some(BackendTls(tls.into()))).await
+    }
+
+    async fn start_with(
+        addr: SocketAddr,
+        name: &str,
+        tls: Option<BackendTls>,
+    ) -> std::io::Result<Backend> {
         let listener = TcpListener::bind(addr).await?;
         let b = Backend {
             addr: listener.local_addr()?,
@@ -256,6 +285,7 @@ impl Backend {
                 generation: tokio::sync::watch::Sender::new(0),
                 accept: std::sync::Mutex::new(None),
             }),
+            tls,
         };
         b.spawn_accept(listener);
         Ok(b)
@@ -335,8 +365,19 @@ impl Backend {
                 let me = me.clone();
                 tokio::spawn(async move {
                     let _open = OpenGuard(Arc::clone(&me.open));
+                    let serve = async {
+                        match &me.tls {
+                            None => me.serve(stream).await,
+                            Some(BackendTls(acceptor)) => {
+                                // A failed handshake just ends the connection.
+                                if let Ok(s) = acceptor.accept(stream).await {
+                                    me.serve(s).await;
+                                }
+                            }
+                        }
+                    };
                     tokio::select! {
-                        _ = me.serve(stream) => {}
+                        _ = serve => {}
                         // Dropping the connection closes the socket.
                         _ = stop => {}
                     }
@@ -347,7 +388,10 @@ impl Backend {
     }
 
     /// Serve one accepted connection until it ends.
-    async fn serve(&self, stream: tokio::net::TcpStream) {
+    async fn serve<I>(&self, stream: I)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let me = self.clone();
         let idle_close = me.knobs.idle_close_ms.load(Relaxed);
         let on_conn = Arc::new(AtomicU64::new(0));

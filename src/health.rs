@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, UpstreamTls};
 use crate::peer::Peer;
 use crate::runtime::Runtime;
 
@@ -43,9 +43,11 @@ pub fn start(rt: &Runtime) -> Checkers {
             continue;
         };
         let hc = Arc::new(hc.clone());
+        let tls = up.cfg.tls.clone().map(Arc::new);
         for peer in up.peers() {
             let (peer, hc, name) = (Arc::clone(peer), Arc::clone(&hc), up.cfg.name.clone());
-            tasks.push(tokio::spawn(check_forever(name, peer, hc)));
+            let tls = tls.clone();
+            tasks.push(tokio::spawn(check_forever(name, peer, hc, tls)));
         }
     }
     Checkers { tasks }
@@ -100,7 +102,12 @@ fn jittered(interval: Duration) -> Duration {
     Duration::from_millis(ms - spread + fastrand::u64(0..=2 * spread))
 }
 
-async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckConfig>) {
+async fn check_forever(
+    upstream: String,
+    peer: Arc<Peer>,
+    hc: Arc<HealthCheckConfig>,
+    tls: Option<Arc<UpstreamTls>>,
+) {
     let mut counter = Counter::new(peer.is_healthy());
     // A peer that starts unhealthy (mandatory checks) needs one pass to join.
     let mut first_rise = if peer.is_healthy() { hc.rise } else { 1 };
@@ -110,7 +117,7 @@ async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckCon
     )))
     .await;
     loop {
-        let result = check_once(&peer, &hc).await;
+        let result = check_once(&peer, &hc, tls.as_deref()).await;
         let pass = result.is_ok();
         if let Some(healthy) = counter.record(pass, first_rise, hc.fall) {
             first_rise = hc.rise;
@@ -125,20 +132,47 @@ async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckCon
     }
 }
 
-/// One check: connect, GET, compare status (and body). `Err` says why it failed.
-pub async fn check_once(peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String> {
-    match tokio::time::timeout(hc.timeout, probe(peer, hc)).await {
+/// One check: connect (with TLS for an `https` upstream), GET, compare status
+/// (and body). `Err` says why it failed.
+pub async fn check_once(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
+    match tokio::time::timeout(hc.timeout, probe(peer, hc, tls)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timed out after {:?}", hc.timeout)),
     }
 }
 
-async fn probe(peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String> {
+async fn probe(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
     let stream = TcpStream::connect(peer.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    match tls {
+        None => exchange(stream, peer, hc).await,
+        Some(t) => {
+            let t = t.loaded.as_ref().ok_or("TLS client settings not loaded")?;
+            let s = t
+                .connect(&peer.params.name, stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            exchange(s, peer, hc).await
+        }
+    }
+}
+
+/// The check's request and response on a connected stream.
+async fn exchange<I>(io: I, peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let conn = tokio::spawn(conn);
@@ -247,14 +281,19 @@ mod tests {
             .await
             .unwrap();
         let p = peer(b.addr);
-        assert_eq!(check_once(&p, &hc("/")).await, Ok(()));
-        let e = check_once(&p, &hc("/status/503")).await.unwrap_err();
+        assert_eq!(check_once(&p, &hc("/"), None).await, Ok(()));
+        let e = check_once(&p, &hc("/status/503"), None).await.unwrap_err();
         assert!(e.contains("status 503"), "{e}");
         let mut want = hc("/");
         want.expect_body = Some("hello from hc".into());
-        assert_eq!(check_once(&p, &want).await, Ok(()));
+        assert_eq!(check_once(&p, &want, None).await, Ok(()));
         want.expect_body = Some("nope".into());
-        assert!(check_once(&p, &want).await.unwrap_err().contains("body"));
+        assert!(
+            check_once(&p, &want, None)
+                .await
+                .unwrap_err()
+                .contains("body")
+        );
     }
 
     #[tokio::test]
@@ -263,7 +302,7 @@ mod tests {
         let closed = l.local_addr().unwrap();
         drop(l);
         assert!(
-            check_once(&peer(closed), &hc("/"))
+            check_once(&peer(closed), &hc("/"), None)
                 .await
                 .unwrap_err()
                 .contains("connect")
@@ -275,7 +314,7 @@ mod tests {
         let mut quick = hc("/");
         quick.timeout = Duration::from_millis(300);
         assert!(
-            check_once(&peer(b.addr), &quick)
+            check_once(&peer(b.addr), &quick, None)
                 .await
                 .unwrap_err()
                 .contains("timed out")

@@ -42,7 +42,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Some(Command::Check) => match ferry::config::Config::load(&cli.config) {
+        Some(Command::Check) => match ferry::config::Config::load(&cli.config).and_then(|mut c| {
+            // Certificates, keys and CA files are read and checked too.
+            ferry::tls::load(&mut c).map(|()| c)
+        }) {
             Ok(cfg) => {
                 print!("{}", cfg.summary());
                 println!(

@@ -69,6 +69,14 @@ pub struct Metrics {
     pub log_dropped: IntCounter,
     /// Requests no route matched.
     pub unrouted: AtomicU64,
+    /// `ferry_tls_handshakes_total{kind="full"}`: completed full TLS handshakes
+    /// on TLS listeners.
+    pub tls_handshakes_full: IntCounter,
+    /// `ferry_tls_handshakes_total{kind="resumed"}`: completed ones that resumed
+    /// a session (ticket or session id).
+    pub tls_handshakes_resumed: IntCounter,
+    /// `ferry_tls_handshake_errors_total`: failed or timed-out ones.
+    pub tls_handshake_errors: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -126,8 +134,23 @@ impl Metrics {
         )
         .expect("valid metric");
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "ferry_tls_handshakes_total",
+                "TLS handshakes completed on the TLS listeners, full or resumed.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let tls_handshake_errors = IntCounter::new(
+            "ferry_tls_handshake_errors_total",
+            "TLS handshakes on the TLS listeners that failed or timed out.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(request_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tls_handshakes.clone()),
+            Box::new(tls_handshake_errors.clone()),
             Box::new(header_time.clone()),
             Box::new(reloads.clone()),
             Box::new(log_dropped.clone()),
@@ -148,6 +171,9 @@ impl Metrics {
             reloads,
             log_dropped,
             unrouted: AtomicU64::new(0),
+            tls_handshakes_full: tls_handshakes.with_label_values(&["full"]),
+            tls_handshakes_resumed: tls_handshakes.with_label_values(&["resumed"]),
+            tls_handshake_errors,
         }
     }
 

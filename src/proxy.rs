@@ -417,20 +417,32 @@ pub async fn handle(
     };
 
     let had_body = !req.body().is_end_stream();
-    let resp = match check_request(&req, &rt) {
-        Err((status, text, note)) => {
-            if status == StatusCode::NOT_FOUND {
-                metrics.unrouted.fetch_add(1, Relaxed);
+    let server = &rt.config.server;
+    let local = if ctx.scheme == "http" && (server.redirect_https || server.acme_webroot.is_some())
+    {
+        plain_listener_answer(&req, server).await
+    } else {
+        None
+    };
+    let resp = if let Some((resp, note)) = local {
+        done.note = Some(note);
+        resp
+    } else {
+        match check_request(&req, &rt) {
+            Err((status, text, note)) => {
+                if status == StatusCode::NOT_FOUND {
+                    metrics.unrouted.fetch_add(1, Relaxed);
+                }
+                done.note = Some(note);
+                full(status, text)
             }
-            done.note = Some(note);
-            full(status, text)
-        }
-        Ok(ui) => {
-            let up = Arc::clone(&rt.upstreams[ui]);
-            done.up = Some(Arc::clone(&up));
-            let body_limit = rt.config.server.client_max_body_size;
-            drop(rt);
-            forward(&ctx, &up, req, body_limit, &mut done).await
+            Ok(ui) => {
+                let up = Arc::clone(&rt.upstreams[ui]);
+                done.up = Some(Arc::clone(&up));
+                let body_limit = rt.config.server.client_max_body_size;
+                drop(rt);
+                forward(&ctx, &up, req, body_limit, &mut done).await
+            }
         }
     };
     let (mut parts, kind) = resp.into_parts();
@@ -454,6 +466,117 @@ pub async fn handle(
             done: Some(done),
         },
     ))
+}
+
+/// Where certbot's webroot plugin puts HTTP-01 challenge files, under the
+/// webroot, and the path Let's Encrypt asks for.
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// Largest challenge file served (a token's key authorization is ~90 bytes).
+const ACME_MAX_FILE: u64 = 64 * 1024;
+
+/// What a plain listener answers itself, without an upstream: ACME HTTP-01
+/// challenges from `acme_webroot`, and with `redirect_https` a 301 to the same
+/// host and URI over https (nginx's `return 301 https://$host$request_uri;`).
+/// The access log note says which.
+async fn plain_listener_answer(
+    req: &Request<Incoming>,
+    server: &crate::config::ServerConfig,
+) -> Option<(Response<Kind>, &'static str)> {
+    if let Some(webroot) = &server.acme_webroot
+        && let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE)
+    {
+        return Some(acme_challenge(req.method(), webroot, token).await);
+    }
+    if !server.redirect_https {
+        return None;
+    }
+    let host = request_host(req).to_ascii_lowercase();
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    let uri = if uri.starts_with('/') {
+        uri
+    } else {
+        "/".to_owned()
+    };
+    let location = is_redirect_host(&host)
+        .then(|| HeaderValue::from_str(&format!("https://{host}{uri}")).ok())
+        .flatten();
+    let Some(location) = location else {
+        return Some((
+            full(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: no valid Host to redirect to\n",
+            ),
+            "redirect_https: no valid Host",
+        ));
+    };
+    let mut r = full(StatusCode::MOVED_PERMANENTLY, "301 Moved Permanently\n");
+    r.headers_mut().insert(header::LOCATION, location);
+    Some((r, "redirect to https"))
+}
+
+/// A host that may go into a redirect's Location: a DNS name or IP address
+/// (bracketed IPv6), nothing that could change the URL's meaning.
+fn is_redirect_host(h: &str) -> bool {
+    if let Some(inner) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return inner.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+/// An ACME token as certbot writes it: one path segment of base64url characters.
+fn is_acme_token(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 256
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `GET /.well-known/acme-challenge/<token>`: the file
+/// `<webroot>/.well-known/acme-challenge/<token>` as text/plain, 404 when it is
+/// missing or the token is not a single safe segment.
+async fn acme_challenge(
+    method: &Method,
+    webroot: &std::path::Path,
+    token: &str,
+) -> (Response<Kind>, &'static str) {
+    if method != Method::GET && method != Method::HEAD {
+        let mut r = full(StatusCode::METHOD_NOT_ALLOWED, "405 Method Not Allowed\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return (r, "acme challenge: method not allowed");
+    }
+    let not_found = || {
+        (
+            full(StatusCode::NOT_FOUND, "404 Not Found\n"),
+            "acme challenge: no such token",
+        )
+    };
+    if !is_acme_token(token) {
+        return not_found();
+    }
+    let path = webroot.join(".well-known/acme-challenge").join(token);
+    let small_file = tokio::fs::metadata(&path)
+        .await
+        .is_ok_and(|m| m.is_file() && m.len() <= ACME_MAX_FILE);
+    if !small_file {
+        return not_found();
+    }
+    match tokio::fs::read(&path).await {
+        Ok(data) => {
+            let mut r = Response::new(Kind::Full(Some(Bytes::from(data))));
+            r.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            (r, "acme challenge")
+        }
+        Err(_) => not_found(),
+    }
 }
 
 /// Reject what must not be forwarded; otherwise the upstream index.
@@ -813,6 +936,12 @@ async fn forward(
                         "504 Gateway Timeout\n",
                         "upstream timed out",
                     )
+                } else if let AttemptError::Connect(ConnectError::Tls(_)) = e {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway\n",
+                        "upstream TLS handshake failed",
+                    )
                 } else {
                     (
                         StatusCode::BAD_GATEWAY,
@@ -983,7 +1112,7 @@ async fn attempt(
     loop {
         let mut conn: Conn = match pooled.take() {
             Some(c) => c,
-            None => client::connect(peer, cfg.connect_timeout)
+            None => client::connect(peer, cfg.connect_timeout, cfg.tls.as_ref())
                 .await
                 .map_err(AttemptError::Connect)?,
         };
@@ -1150,6 +1279,24 @@ mod tests {
         assert!(strip_hop_by_hop(&mut h));
         assert!(h.contains_key(header::UPGRADE));
         assert!(!h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn acme_tokens_are_one_safe_segment() {
+        assert!(is_acme_token("Xy_-09abcDEF"));
+        for bad in ["", "..", "a/b", "../x", "a.b", "a%2fb", "a b"] {
+            assert!(!is_acme_token(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn redirect_hosts() {
+        assert!(is_redirect_host("shop.example.com"));
+        assert!(is_redirect_host("10.0.0.1"));
+        assert!(is_redirect_host("[::1]"));
+        for bad in ["", "evil.com/x", "a@b", "[zz]", "a b"] {
+            assert!(!is_redirect_host(bad), "{bad:?}");
+        }
     }
 
     #[test]

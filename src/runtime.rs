@@ -172,6 +172,22 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
+/// Whether connections made for upstream `a` may serve upstream `b`: same
+/// scheme and TLS settings (the files behind them are read again at reload;
+/// pooled connections made with the old ones finish their keep-alive life).
+fn same_transport(a: &UpstreamConfig, b: &UpstreamConfig) -> bool {
+    let tls = |u: &UpstreamConfig| {
+        u.tls.as_ref().map(|t| {
+            (
+                t.verify,
+                t.ca_file.as_ref().map(|f| f.path.clone()),
+                t.server_name.clone(),
+            )
+        })
+    };
+    a.scheme == b.scheme && tls(a) == tls(b)
+}
+
 fn peer_params(s: &crate::config::ServerEntry, single: bool) -> PeerParams {
     PeerParams {
         name: s.addr.clone(),
@@ -195,13 +211,14 @@ impl Runtime {
         previous: Option<&Runtime>,
         metrics: &Metrics,
     ) -> Runtime {
-        let mut old_peers: HashMap<(&str, std::net::SocketAddr), &Arc<Peer>> = HashMap::new();
+        let mut old_peers: HashMap<(&str, std::net::SocketAddr), (&Arc<Peer>, &UpstreamConfig)> =
+            HashMap::new();
         let mut old_stats: HashMap<&str, &Arc<UpstreamStats>> = HashMap::new();
         if let Some(prev) = previous {
             for u in &prev.upstreams {
                 old_stats.insert(u.cfg.name.as_str(), &u.stats);
                 for p in u.peers() {
-                    old_peers.insert((u.cfg.name.as_str(), p.addr), p);
+                    old_peers.insert((u.cfg.name.as_str(), p.addr), (p, &u.cfg));
                 }
             }
         }
@@ -216,8 +233,10 @@ impl Runtime {
                     let params = peer_params(s, single);
                     for addr in &s.addrs {
                         let peer = match old_peers.get(&(u.name.as_str(), *addr)) {
-                            Some(p) if p.params == params => Arc::clone(p),
-                            Some(old) => {
+                            Some((p, was)) if p.params == params && same_transport(was, u) => {
+                                Arc::clone(p)
+                            }
+                            Some((old, _)) => {
                                 // Same address, new parameters: fresh counters, but
                                 // drain/down and the health verdict carry over.
                                 let p = Arc::new(Peer::new(*addr, params.clone()));

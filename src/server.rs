@@ -95,18 +95,40 @@ struct Tracker {
 #[derive(Debug)]
 enum ListenerCmd {
     /// Start accepting on this socket (the worker's member of an `SO_REUSEPORT`
-    /// group), known by the group's bound address.
-    Add(SocketAddr, std::net::TcpListener),
+    /// group), known by the group's bound address; TLS or plain.
+    Add(SocketAddr, std::net::TcpListener, Kind),
     /// Stop accepting on the socket of this bound address and close it; the
     /// connections it accepted carry on to their natural end.
     Remove(SocketAddr),
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Plain HTTP (`[server] listen`).
+    Plain,
+    /// TLS (`[tls] listen`).
+    Tls,
+}
+
+/// A listener as the configuration asks for it.
+type Want = (SocketAddr, Kind);
+
+/// The listeners `cfg` asks for: the plain ones, then the TLS ones.
+fn wanted(cfg: &Config) -> Vec<Want> {
+    let plain = cfg.server.listen.iter().map(|a| (*a, Kind::Plain));
+    let tls = cfg
+        .tls
+        .iter()
+        .flat_map(|t| t.listen.iter().map(|a| (*a, Kind::Tls)));
+    plain.chain(tls).collect()
 }
 
 /// The client-facing listeners, owned by the control thread: which configured
 /// address each is bound to, and the channels that hand sockets to the workers.
 struct Listeners {
     /// (configured, bound) per listener, in config order.
-    bound: Vec<(SocketAddr, SocketAddr)>,
+    bound: Vec<(Want, SocketAddr)>,
     /// One command channel per worker.
     workers: Vec<mpsc::UnboundedSender<ListenerCmd>>,
     /// The bound addresses, as `/status` shows them.
@@ -117,9 +139,9 @@ struct Listeners {
 /// is applied; dropping it closes the sockets it bound.
 struct ListenerPlan {
     /// The new (configured, bound) list.
-    bound: Vec<(SocketAddr, SocketAddr)>,
-    /// Newly bound groups: the bound address and one socket per worker.
-    added: Vec<(SocketAddr, Vec<std::net::TcpListener>)>,
+    bound: Vec<(Want, SocketAddr)>,
+    /// Newly bound groups: the bound address, its kind and one socket per worker.
+    added: Vec<(SocketAddr, Kind, Vec<std::net::TcpListener>)>,
     /// Bound addresses no longer wanted.
     removed: Vec<SocketAddr>,
 }
@@ -127,39 +149,39 @@ struct ListenerPlan {
 impl Listeners {
     /// Bind what `want` adds to the current set (an address already bound under the
     /// same configured address is kept as is, sockets, queue and all).
-    fn plan(&self, want: &[SocketAddr]) -> Result<ListenerPlan, String> {
-        let mut old: Vec<Option<(SocketAddr, SocketAddr)>> =
+    fn plan(&self, want: &[Want]) -> Result<ListenerPlan, String> {
+        let mut old: Vec<Option<(Want, SocketAddr)>> =
             self.bound.iter().copied().map(Some).collect();
         let mut plan = ListenerPlan {
             bound: Vec::with_capacity(want.len()),
             added: Vec::new(),
             removed: Vec::new(),
         };
-        for addr in want {
+        for &(addr, kind) in want {
             // The same configured address keeps its socket; so does the address a
             // socket is bound to (`127.0.0.1:0` bound to port 40001, now written
-            // `127.0.0.1:40001`).
+            // `127.0.0.1:40001`). A socket never changes kind.
             let kept = match old
                 .iter()
-                .position(|o| o.is_some_and(|(conf, _)| conf == *addr))
+                .position(|o| o.is_some_and(|(conf, _)| conf == (addr, kind)))
             {
                 Some(i) => old[i].take(),
                 None => old
                     .iter_mut()
-                    .find(|o| o.is_some_and(|(_, bound)| bound == *addr))
+                    .find(|o| o.is_some_and(|((_, k), bound)| bound == addr && k == kind))
                     .and_then(Option::take),
             };
             match kept {
-                Some((_, bound)) => plan.bound.push((*addr, bound)),
+                Some((_, bound)) => plan.bound.push(((addr, kind), bound)),
                 None => {
-                    let socks = bind_reuseport(*addr, self.workers.len())
+                    let socks = bind_reuseport(addr, self.workers.len())
                         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
                     let local = socks
                         .first()
                         .and_then(|s| s.local_addr().ok())
                         .ok_or_else(|| format!("cannot listen on {addr}: no socket"))?;
-                    plan.bound.push((*addr, local));
-                    plan.added.push((local, socks));
+                    plan.bound.push(((addr, kind), local));
+                    plan.added.push((local, kind, socks));
                 }
             }
         }
@@ -169,12 +191,19 @@ impl Listeners {
 
     /// Hand the new sockets to the workers and tell them which to close.
     fn apply(&mut self, plan: ListenerPlan) {
-        for (addr, socks) in plan.added {
+        for (addr, kind, socks) in plan.added {
             for (tx, s) in self.workers.iter().zip(socks) {
                 // A worker that is gone (its runtime failed to start) takes nothing.
-                let _ = tx.send(ListenerCmd::Add(addr, s));
+                let _ = tx.send(ListenerCmd::Add(addr, s, kind));
             }
-            tracing::info!(addr = %addr, workers = self.workers.len(), "listening");
+            match kind {
+                Kind::Plain => {
+                    tracing::info!(addr = %addr, workers = self.workers.len(), "listening")
+                }
+                Kind::Tls => {
+                    tracing::info!(addr = %addr, workers = self.workers.len(), "listening (TLS)")
+                }
+            }
         }
         for addr in plan.removed {
             for tx in &self.workers {
@@ -196,6 +225,9 @@ pub fn run(
     stop: Option<watch::Receiver<bool>>,
     ready: Option<std::sync::mpsc::Sender<Vec<SocketAddr>>>,
 ) -> Result<(), StartError> {
+    let mut cfg = cfg;
+    // Certificates and CA files are read before anything starts.
+    crate::tls::load(&mut cfg).map_err(|e| StartError(e.to_string()))?;
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let workers = worker_count(&cfg);
     let metrics: &'static Metrics = Box::leak(Box::new(Metrics::new(workers)));
@@ -218,7 +250,7 @@ pub fn run(
         listeners.workers.push(tx);
         cmd_rx.push(rx);
     }
-    let plan = listeners.plan(&cfg.server.listen).map_err(StartError)?;
+    let plan = listeners.plan(&wanted(&cfg)).map_err(StartError)?;
     let admin = match cfg.admin.listen {
         Some(a) => Some(
             std::net::TcpListener::bind(a)
@@ -404,11 +436,16 @@ impl Control {
             tracing::error!(error = %e, "reload failed; the running configuration is unchanged");
             Err(e)
         };
-        let new = match Config::load(&self.path) {
+        let mut new = match Config::load(&self.path) {
             Ok(c) => c,
             Err(e) => return fail(e.to_string()),
         };
-        let plan = match self.listeners.plan(&new.server.listen) {
+        // New certificates are read now; a file that cannot be used keeps the
+        // old ones (and the whole old configuration).
+        if let Err(e) = crate::tls::load(&mut new) {
+            return fail(e.to_string());
+        }
+        let plan = match self.listeners.plan(&wanted(&new)) {
             Ok(p) => p,
             Err(e) => return fail(e),
         };
@@ -649,7 +686,7 @@ async fn worker(
         tokio::select! {
             _ = stopping.wait_for(|v| *v) => break,
             cmd = cmds.recv(), if commands_open => match cmd {
-                Some(ListenerCmd::Add(addr, l)) => {
+                Some(ListenerCmd::Add(addr, l, kind)) => {
                     let l = match TcpListener::from_std(l) {
                         Ok(l) => l,
                         Err(e) => {
@@ -662,6 +699,7 @@ async fn worker(
                     tokio::spawn(accept_loop(
                         w,
                         l,
+                        kind,
                         Arc::clone(&shared),
                         stop.clone(),
                         close_rx,
@@ -693,9 +731,11 @@ async fn worker(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     w: usize,
     listener: TcpListener,
+    kind: Kind,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     mut close: oneshot::Receiver<()>,
@@ -733,7 +773,10 @@ async fn accept_loop(
         let stop = stop.clone();
         let tracker = Arc::clone(&tracker);
         tokio::spawn(async move {
-            serve_connection(w, stream, remote, shared, stop).await;
+            match kind {
+                Kind::Plain => serve_connection(w, stream, remote, shared, stop).await,
+                Kind::Tls => serve_tls(w, stream, remote, shared, stop).await,
+            }
             drop(permit);
             if tracker.open.fetch_sub(1, Relaxed) == 1 {
                 tracker.idle.notify_waiters();
@@ -742,7 +785,25 @@ async fn accept_loop(
     }
 }
 
+/// A connection on a plain listener.
 async fn serve_connection(
+    w: usize,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let state = Arc::new(ConnState::new(shared.metrics.worker(w)));
+    serve_http(w, stream, remote, shared, stop, state, "http").await;
+}
+
+/// A connection on a TLS listener: the TLS handshake (within
+/// `client_header_timeout`, as nginx times it), then HTTP over the decrypted
+/// stream. The connection counts as open (Waiting) from the accept on. A failed
+/// handshake ends this connection only: it is counted in
+/// `ferry_tls_handshake_errors_total` and logged at debug level.
+async fn serve_tls(
     w: usize,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
@@ -750,20 +811,73 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
+    let (acceptor, timeout) = {
+        let rt = shared.runtime.load();
+        let tls = rt.config.tls.as_ref().and_then(|t| t.loaded.as_ref());
+        (
+            tls.map(|t| t.acceptor.clone()),
+            rt.config.server.client_header_timeout,
+        )
+    };
+    // None: a reload removed [tls] just as this connection was accepted.
+    let Some(acceptor) = acceptor else {
+        return;
+    };
+    let metrics = shared.metrics;
+    let state = Arc::new(ConnState::new(metrics.worker(w)));
+    let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
+    let done = tokio::select! {
+        r = handshake => r,
+        _ = stop.wait_for(|v| *v) => return,
+    };
+    let tls = match done {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.tls_handshake_errors.inc();
+            tracing::debug!(client = %remote, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            metrics.tls_handshake_errors.inc();
+            tracing::debug!(client = %remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    match tls.get_ref().1.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => metrics.tls_handshakes_resumed.inc(),
+        _ => metrics.tls_handshakes_full.inc(),
+    }
+    // HTTP/1.1 is the only protocol `tls::ALPN` offers. HTTP/2 dispatches here
+    // on `tls.get_ref().1.alpn_protocol() == Some(b"h2")`.
+    serve_http(w, tls, remote, shared, stop, state, "https").await;
+}
+
+/// Serve HTTP/1.1 on an accepted connection (plain, or decrypted TLS) until it
+/// ends: keep-alive and header timeouts, graceful close at shutdown.
+async fn serve_http<I>(
+    w: usize,
+    io: I,
+    remote: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    state: Arc<ConnState>,
+    scheme: &'static str,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let server_cfg = shared.runtime.load().config.server.clone();
     let header_ms = server_cfg.client_header_timeout.as_millis() as u64;
     let keepalive_ms = server_cfg.keepalive_timeout.as_millis() as u64;
-    let state = Arc::new(ConnState::new(shared.metrics.worker(w)));
     let ctx = Arc::new(Ctx {
         shared,
         worker: w,
         remote,
         state: Arc::clone(&state),
-        scheme: "http",
+        scheme,
         client_ip: http::HeaderValue::from_str(&remote.ip().to_string())
             .unwrap_or(http::HeaderValue::from_static("")),
     });
-    let io = TokioIo::new(ClientIo::new(stream, Arc::clone(&state)));
+    let io = TokioIo::new(ClientIo::new(io, Arc::clone(&state)));
     let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
     let conn = http1::Builder::new()
         .keep_alive(keepalive_ms > 0)

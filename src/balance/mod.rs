@@ -365,6 +365,8 @@ mod tests {
             retry_buffer: 64 * 1024,
             queue: 0,
             queue_timeout: Duration::from_secs(60),
+            scheme: crate::config::UpstreamScheme::Http,
+            tls: None,
             servers: Vec::new(),
             health_check: None,
         }
