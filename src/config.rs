@@ -48,6 +48,12 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Longest wait for in-flight requests at shutdown.
     pub shutdown_timeout: Duration,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list (names, values and 32 bytes per field).
+    pub http2_max_header_size: u32,
 }
 
 /// `[admin]`.
@@ -231,6 +237,19 @@ pub struct UpstreamConfig {
     pub servers: Vec<ServerEntry>,
     /// Active checks.
     pub health_check: Option<HealthCheckConfig>,
+    /// The protocol spoken to the servers.
+    pub scheme: UpstreamScheme,
+}
+
+/// The protocol an upstream's servers speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamScheme {
+    /// HTTP/1.1 over TCP, on pooled keep-alive connections.
+    #[default]
+    Http,
+    /// HTTP/2 over TCP with prior knowledge (gRPC backends): a few multiplexed
+    /// connections per server and worker instead of the HTTP/1.1 pool.
+    H2c,
 }
 
 /// How a route matches the Host header.
@@ -349,6 +368,9 @@ struct RawServer {
     client_max_body_size: Option<Size>,
     max_connections: Option<Spanned<usize>>,
     shutdown_timeout: Option<Dur>,
+    http2: Option<bool>,
+    http2_max_concurrent_streams: Option<Spanned<u32>>,
+    http2_max_header_size: Option<Spanned<Size>>,
 }
 
 /// `[admin]`.
@@ -398,6 +420,7 @@ struct RawUpstream {
     #[serde(default)]
     server: Vec<Spanned<RawServerEntry>>,
     health_check: Option<RawHealthCheck>,
+    scheme: Option<Spanned<String>>,
 }
 
 /// `[[upstream.server]]`.
@@ -1400,6 +1423,30 @@ impl Ctx<'_> {
             Some(n) => n.into_inner(),
             None => 10_000,
         };
+        let http2_max_concurrent_streams = match r.http2_max_concurrent_streams {
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(self.err(
+                    n.span(),
+                    "server.http2_max_concurrent_streams",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n.into_inner(),
+            None => 128,
+        };
+        let http2_max_header_size = match r.http2_max_header_size {
+            None => 64 * 1024,
+            Some(n) => match u32::try_from(n.get_ref().0) {
+                Ok(v) if v >= 1024 => v,
+                _ => {
+                    return Err(self.err(
+                        n.span(),
+                        "server.http2_max_header_size",
+                        "must be between 1KiB and 4GiB",
+                    ));
+                }
+            },
+        };
         let server = ServerConfig {
             listen,
             workers: r.workers.unwrap_or(0),
@@ -1408,6 +1455,9 @@ impl Ctx<'_> {
             client_max_body_size: r.client_max_body_size.map_or(10 << 20, |s| s.0),
             max_connections,
             shutdown_timeout: r.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            http2: r.http2.unwrap_or(true),
+            http2_max_concurrent_streams,
+            http2_max_header_size,
         };
         Ok((server, spans))
     }
@@ -1581,6 +1631,20 @@ impl Ctx<'_> {
             &format!("{key}.read_timeout"),
         )?;
         let next_upstream = self.next_upstream(u.next_upstream, &format!("{key}.next_upstream"))?;
+        let scheme = match &u.scheme {
+            None => UpstreamScheme::Http,
+            Some(s) => match s.get_ref().as_str() {
+                "http" => UpstreamScheme::Http,
+                "h2c" => UpstreamScheme::H2c,
+                other => {
+                    return Err(self.err(
+                        s.span(),
+                        format!("{key}.scheme"),
+                        format!("unknown scheme \"{other}\"; expected \"http\" or \"h2c\""),
+                    ));
+                }
+            },
+        };
         if u.server.is_empty() {
             return Err(self.err(
                 span,
@@ -1649,6 +1713,7 @@ impl Ctx<'_> {
             queue_timeout: u.queue_timeout.map_or(Duration::from_secs(60), |d| d.0),
             servers,
             health_check,
+            scheme,
         })
     }
 

@@ -4,7 +4,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ pub struct ConnState {
     since: AtomicU64,
     /// Responses still being written (a pipelined request may start before the
     /// previous response ended).
-    active: AtomicU8,
+    active: AtomicU32,
     /// At least one request was received.
     served: std::sync::atomic::AtomicBool,
     /// ferry answered before reading the whole request body: linger at close.
@@ -46,7 +46,7 @@ impl ConnState {
         ConnState {
             state: AtomicU8::new(WAITING),
             since: AtomicU64::new(now_ms()),
-            active: AtomicU8::new(0),
+            active: AtomicU32::new(0),
             served: std::sync::atomic::AtomicBool::new(false),
             linger: AtomicBool::new(false),
             counters,

@@ -51,6 +51,8 @@ pub struct Ctx {
     pub state: Arc<ConnState>,
     /// `http` or `https`, for X-Forwarded-Proto.
     pub scheme: &'static str,
+    /// HTTP/2: requests are streams of one connection.
+    pub multiplexed: bool,
     /// The client's address as a header value (X-Real-IP, X-Forwarded-For), made
     /// once per connection.
     pub client_ip: HeaderValue,
@@ -436,6 +438,7 @@ pub async fn handle(
     done.status = parts.status.as_u16();
     if let Kind::Full(_) = kind
         && had_body
+        && !ctx.multiplexed
         && (parts.status.is_server_error() || parts.status.is_client_error())
     {
         // ferry's own error page to a request whose body may be unread: close

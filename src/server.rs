@@ -21,7 +21,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -742,37 +746,207 @@ async fn accept_loop(
     }
 }
 
+/// The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Streams a client may reset before ferry accepted them, per connection; the
+/// next one ends the connection with GOAWAY `ENHANCE_YOUR_CALM`. This is the
+/// "rapid reset" defence (CVE-2023-44487): a flood of opened-and-reset streams
+/// is all pending-accept resets, since the h2 state machine reads whole
+/// batches of frames before the server takes the streams (h2's own default).
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams ferry itself may reset for a client's protocol errors, per
+/// connection, before closing it with `ENHANCE_YOUR_CALM` (h2's default; it
+/// bounds the "MadeYouReset" variant of the same attack).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// An accepted client connection before its protocol is chosen: what serving it
+/// needs besides the byte stream. A TLS listener makes one per connection and
+/// calls [`serve_h1`] or [`serve_h2`] by the ALPN result.
+pub struct Client {
+    /// The worker serving it.
+    pub worker: usize,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// Fires at shutdown.
+    pub stop: watch::Receiver<bool>,
+    /// `http` or `https`, for X-Forwarded-Proto.
+    pub scheme: &'static str,
+    /// stub_status state; counted as Waiting from here on.
+    pub state: Arc<ConnState>,
+}
+
+impl Client {
+    /// A new client connection, counted as Waiting.
+    pub fn new(
+        worker: usize,
+        remote: SocketAddr,
+        shared: Arc<Shared>,
+        stop: watch::Receiver<bool>,
+        scheme: &'static str,
+    ) -> Client {
+        let state = Arc::new(ConnState::new(shared.metrics.worker(worker)));
+        Client {
+            worker,
+            remote,
+            shared,
+            stop,
+            scheme,
+            state,
+        }
+    }
+
+    fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            shared: Arc::clone(&self.shared),
+            worker: self.worker,
+            remote: self.remote,
+            state: Arc::clone(&self.state),
+            scheme: self.scheme,
+            multiplexed,
+            client_ip: http::HeaderValue::from_str(&self.remote.ip().to_string())
+                .unwrap_or(http::HeaderValue::from_static("")),
+        })
+    }
+}
+
+/// Serve a plain-TCP client: HTTP/2 when it opens with the prior-knowledge
+/// preface (and `http2` is on), HTTP/1.1 otherwise.
 async fn serve_connection(
     w: usize,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let server_cfg = shared.runtime.load().config.server.clone();
-    let header_ms = server_cfg.client_header_timeout.as_millis() as u64;
-    let keepalive_ms = server_cfg.keepalive_timeout.as_millis() as u64;
-    let state = Arc::new(ConnState::new(shared.metrics.worker(w)));
-    let ctx = Arc::new(Ctx {
-        shared,
-        worker: w,
-        remote,
-        state: Arc::clone(&state),
-        scheme: "http",
-        client_ip: http::HeaderValue::from_str(&remote.ip().to_string())
-            .unwrap_or(http::HeaderValue::from_static("")),
-    });
-    let io = TokioIo::new(ClientIo::new(stream, Arc::clone(&state)));
+    let (http2, header_timeout) = {
+        let rt = shared.runtime.load();
+        (
+            rt.config.server.http2,
+            rt.config.server.client_header_timeout,
+        )
+    };
+    let mut client = Client::new(w, remote, shared, stop, "http");
+    if http2 {
+        match sniff_preface(&stream, header_timeout, &mut client.stop).await {
+            Some(true) => return serve_h2(stream, client).await,
+            Some(false) => {}
+            None => return,
+        }
+    }
+    serve_h1(stream, client).await
+}
+
+/// Whether the client's first bytes are the HTTP/2 preface, looked at without
+/// taking them (one `MSG_PEEK` per connection). `None`: the client closed, sent
+/// nothing within `client_header_timeout`, or ferry is stopping.
+async fn sniff_preface(
+    stream: &tokio::net::TcpStream,
+    header_timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<bool> {
+    let deadline = Instant::now() + header_timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut buf)) => match r {
+                Ok(Ok(n)) => n,
+                _ => return None,
+            },
+            _ = stop.wait_for(|v| *v) => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far (a rare split write): the data already
+        // there keeps the socket readable, so wait a little before looking again.
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection.
+pub async fn serve_h1<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = client.ctx(false);
+    let io = TokioIo::new(ClientIo::new(io, Arc::clone(&client.state)));
     let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
     let conn = http1::Builder::new()
-        .keep_alive(keepalive_ms > 0)
+        .keep_alive(client.keepalive_ms() > 0)
         .max_buf_size(MAX_HEAD + 1024)
         // max_buf_size alone is loose (a read may fill the buffer's whole spare
         // capacity, so a head up to twice as large can parse); this is exact.
         .max_header_size(MAX_HEAD)
         .serve_connection(io, svc)
         .with_upgrades();
+    drive(conn, |c| c.graceful_shutdown(), client).await;
+}
+
+/// Serve HTTP/2 on `io` (after the h2c preface, or a TLS handshake that chose
+/// `h2`). Each stream is a request of its own, forwarded like an HTTP/1.1 one;
+/// the stream tasks run on this worker's runtime, so they use its upstream pool.
+pub async fn serve_h2<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = client.ctx(true);
+    let cfg = client.shared.runtime.load().config.server.clone();
+    let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
+    // Tokio's spawn on a current-thread runtime keeps the stream tasks on this
+    // worker's thread, with its thread-local upstream pool.
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.max_concurrent_streams(cfg.http2_max_concurrent_streams)
+        .max_header_list_size(cfg.http2_max_header_size)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+    let conn = b.serve_connection(TokioIo::new(io), svc);
+    drive(conn, |c| c.graceful_shutdown(), client).await;
+}
+
+impl Client {
+    fn keepalive_ms(&self) -> u64 {
+        self.shared
+            .runtime
+            .load()
+            .config
+            .server
+            .keepalive_timeout
+            .as_millis() as u64
+    }
+}
+
+/// Run a client connection to its end, enforcing `client_header_timeout` and
+/// `keepalive_timeout` and closing gracefully at shutdown (HTTP/2: GOAWAY, the
+/// streams in progress finish).
+async fn drive<C, E>(conn: C, shutdown: impl Fn(Pin<&mut C>), mut client: Client)
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let state = Arc::clone(&client.state);
+    let remote = client.remote;
+    let (header_ms, keepalive_ms) = {
+        let rt = client.shared.runtime.load();
+        (
+            rt.config.server.client_header_timeout.as_millis() as u64,
+            rt.config.server.keepalive_timeout.as_millis() as u64,
+        )
+    };
+    let stop = &mut client.stop;
     tokio::pin!(conn);
     // The timer is not told when the state changes, so while no deadline is due
     // it re-checks this often; no longer than either timeout, so that it always
@@ -785,8 +959,9 @@ async fn serve_connection(
     let sleep = tokio::time::sleep(Duration::from_millis(period));
     tokio::pin!(sleep);
     let mut closing = *stop.borrow();
+    let mut idle_closed = false;
     if closing {
-        conn.as_mut().graceful_shutdown();
+        shutdown(conn.as_mut());
     }
     loop {
         tokio::select! {
@@ -797,6 +972,11 @@ async fn serve_connection(
                 break;
             }
             _ = &mut sleep => {
+                if idle_closed {
+                    // An idle HTTP/2 client that does not finish the GOAWAY
+                    // exchange (answer its PING, close) within the header timeout.
+                    break;
+                }
                 let (st, since) = state.get();
                 let now = now_ms();
                 let limit = match st {
@@ -810,9 +990,10 @@ async fn serve_connection(
                         // Slow request head: close without an answer, as nginx does.
                         break;
                     }
-                    conn.as_mut().graceful_shutdown();
+                    shutdown(conn.as_mut());
                     closing = true;
-                    sleep.as_mut().reset(Instant::now() + Duration::from_secs(3600));
+                    idle_closed = true;
+                    sleep.as_mut().reset(Instant::now() + Duration::from_millis(header_ms));
                 } else {
                     let wait = if limit == u64::MAX { period } else { limit - elapsed };
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
@@ -820,7 +1001,7 @@ async fn serve_connection(
             }
             _ = stop.wait_for(|v| *v), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
             }
         }
     }
