@@ -213,9 +213,9 @@ fn sweep() {
             // Being connected right now.
             Err(_) => true,
             Ok(mut c) => {
-                let keep = c.as_ref().is_some_and(|c| {
-                    !c.tx.is_closed() && now.duration_since(c.used) < c.timeout
-                });
+                let keep = c
+                    .as_ref()
+                    .is_some_and(|c| !c.tx.is_closed() && now.duration_since(c.used) < c.timeout);
                 if !keep {
                     // Dropping the last sender closes the connection once its
                     // streams end.

@@ -353,6 +353,11 @@ impl Drop for Done {
                 },
             );
         }
+        if self.ctx.multiplexed {
+            self.ctx
+                .state
+                .stream_ended(self.status == 0 || !self.complete);
+        }
         self.ctx.state.request_finished();
     }
 }
@@ -1034,9 +1039,7 @@ async fn attempt(
     AttemptError,
 > {
     if cfg.scheme == UpstreamScheme::H2c {
-        return attempt_h2(peer, cfg, req, started)
-            .await
-            .map(|r| (r, None));
+        return attempt_h2(peer, cfg, req, started).await.map(|r| (r, None));
     }
     let mut pooled = client::checkout(peer);
     let mut resent = false;
@@ -1111,10 +1114,9 @@ async fn attempt_h2(
 ) -> Result<Response<Incoming>, AttemptError> {
     let mut replaced = false;
     loop {
-        let (mut tx, fresh) =
-            client::h2_sender(peer, cfg.connect_timeout, cfg.keepalive_timeout)
-                .await
-                .map_err(AttemptError::Connect)?;
+        let (mut tx, fresh) = client::h2_sender(peer, cfg.connect_timeout, cfg.keepalive_timeout)
+            .await
+            .map_err(AttemptError::Connect)?;
         if tx.ready().await.is_err() {
             client::h2_forget(peer);
             if fresh || replaced {

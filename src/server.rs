@@ -893,7 +893,7 @@ where
         .max_header_size(MAX_HEAD)
         .serve_connection(io, svc)
         .with_upgrades();
-    drive(conn, |c| c.graceful_shutdown(), client).await;
+    drive(conn, |c| c.graceful_shutdown(), client, false).await;
 }
 
 /// Serve HTTP/2 on `io` (after the h2c preface, or a TLS handshake that chose
@@ -914,7 +914,7 @@ where
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     let conn = b.serve_connection(TokioIo::new(io), svc);
-    drive(conn, |c| c.graceful_shutdown(), client).await;
+    drive(conn, |c| c.graceful_shutdown(), client, true).await;
 }
 
 impl Client {
@@ -932,7 +932,7 @@ impl Client {
 /// Run a client connection to its end, enforcing `client_header_timeout` and
 /// `keepalive_timeout` and closing gracefully at shutdown (HTTP/2: GOAWAY, the
 /// streams in progress finish).
-async fn drive<C, E>(conn: C, shutdown: impl Fn(Pin<&mut C>), mut client: Client)
+async fn drive<C, E>(conn: C, shutdown: impl Fn(Pin<&mut C>), mut client: Client, multiplexed: bool)
 where
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
@@ -998,6 +998,10 @@ where
                     let wait = if limit == u64::MAX { period } else { limit - elapsed };
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
                 }
+            }
+            _ = state.abusive(), if multiplexed => {
+                tracing::warn!(client = %remote, "client resets most of its HTTP/2 streams; closing the connection");
+                break;
             }
             _ = stop.wait_for(|v| *v), if !closing => {
                 closing = true;

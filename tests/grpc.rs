@@ -124,7 +124,10 @@ fn grpc_calls_pass_over_a_refused_peer() {
     assert_eq!(r["repeat_ok"], 50, "{r}");
     let fails = f.metric_sum("ferry_upstream_fails_total", &[]);
     let retries = f.metric_sum("ferry_upstream_retries_total", &[]);
-    assert!(fails >= 1.0 || retries >= 1.0, "fails {fails} retries {retries}");
+    assert!(
+        fails >= 1.0 || retries >= 1.0,
+        "fails {fails} retries {retries}"
+    );
 }
 
 /// ferry B serves h2c in front of an HTTP/1.1 backend; ferry A forwards to B

@@ -126,7 +126,9 @@ impl H2Raw {
         loop {
             let f = self.next().expect("server SETTINGS");
             if f.kind == SETTINGS && f.flags & ACK == 0 {
-                self.s.write_all(&frame(SETTINGS, ACK, 0, &[])).expect("ack");
+                self.s
+                    .write_all(&frame(SETTINGS, ACK, 0, &[]))
+                    .expect("ack");
                 return f
                     .payload
                     .chunks(6)
@@ -292,7 +294,10 @@ fn settings_carry_the_limits_and_excess_streams_are_refused() {
     assert!(settings.contains(&(0x6, 8192)), "{settings:?}");
     // Wait for our ACK to be applied (the server answers a PING after it).
     c.send(&frame(PING, 0, 0, &[1; 8])).unwrap();
-    while c.next().is_some_and(|f| f.kind != PING || f.flags & ACK == 0) {}
+    while c
+        .next()
+        .is_some_and(|f| f.kind != PING || f.flags & ACK == 0)
+    {}
     // Five streams held open (no END_STREAM): the fifth is refused.
     for i in 0..5u32 {
         let block = get_block("/hold");
@@ -393,13 +398,86 @@ fn rapid_reset_flood_closes_the_connection() {
 }
 
 #[test]
+fn paced_reset_flood_of_accepted_streams_closes_the_connection() {
+    // Each batch of streams reaches the backend before its resets are sent, so
+    // h2's pending-accept limit does not apply; ferry's own count of streams cut
+    // short does.
+    let b = Backends::start(1);
+    let f = h2_ferry("", &b);
+    let mut c = H2Raw::connect(f.addr);
+    c.settings();
+    let block = get_block("/hold");
+    let mut opened = 0u32;
+    let mut closed = false;
+    for batch in 0..200u32 {
+        let ids: Vec<u32> = (0..50).map(|i| 2 * (batch * 50 + i) + 1).collect();
+        let mut out = Vec::new();
+        for id in &ids {
+            out.extend(frame(HEADERS, END_STREAM | END_HEADERS, *id, &block));
+        }
+        if c.send(&out).is_err() {
+            closed = true;
+            break;
+        }
+        opened += 50;
+        let seen = u64::from(opened);
+        if !wait_until(Duration::from_secs(5), || {
+            b.list[0].served.load(Relaxed) >= seen
+        }) {
+            // ferry stopped passing streams on: the connection is being closed.
+            closed = true;
+            break;
+        }
+        let mut out = Vec::new();
+        for id in &ids {
+            out.extend(frame(RST_STREAM, 0, *id, &CANCEL.to_be_bytes()));
+        }
+        if c.send(&out).is_err() {
+            closed = true;
+            break;
+        }
+    }
+    let start = Instant::now();
+    while c.next().is_some() {
+        assert!(start.elapsed() < DEADLINE, "connection still open");
+    }
+    assert!(
+        closed || opened < 10_000,
+        "all {opened} streams were accepted"
+    );
+    assert!(
+        opened <= 500,
+        "{opened} streams before the connection closed"
+    );
+    assert!(
+        f.wait_log("resets most of its HTTP/2 streams", DEADLINE)
+            .is_some()
+    );
+    // A well-behaved client on another connection is served.
+    let (code, out, err) = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "%{http_version}",
+        "-o",
+        "/dev/null",
+        &f.url("/"),
+    ]);
+    assert_eq!((code, out.as_str()), (0, "2"), "{err}");
+}
+
+#[test]
 fn stub_status_counts_h2_streams_and_states() {
     let b = Backends::start(1);
     let f = h2_ferry("", &b);
     let mut c = H2Raw::connect(f.addr);
     c.settings();
-    c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block("/hold")))
-        .unwrap();
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/hold"),
+    ))
+    .unwrap();
     // A stream in progress: the connection is Writing.
     assert!(
         wait_until(DEADLINE, || stub_rww(&f.admin_get("/stub_status"))
@@ -416,8 +494,13 @@ fn stub_status_counts_h2_streams_and_states() {
         }
     }
     for id in [3u32, 5] {
-        c.send(&frame(HEADERS, END_STREAM | END_HEADERS, id, &get_block("/")))
-            .unwrap();
+        c.send(&frame(
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            id,
+            &get_block("/"),
+        ))
+        .unwrap();
     }
     let mut ended = 0;
     while ended < 2 {
@@ -443,8 +526,13 @@ fn idle_h2_connection_gets_goaway_after_keepalive_timeout() {
     let f = h2_ferry("keepalive_timeout = \"300ms\"", &b);
     let mut c = H2Raw::connect(f.addr);
     c.settings();
-    c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block("/")))
-        .unwrap();
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/"),
+    ))
+    .unwrap();
     let start = Instant::now();
     let mut goaway = false;
     while let Some(fr) = c.next() {
@@ -457,12 +545,20 @@ fn idle_h2_connection_gets_goaway_after_keepalive_timeout() {
 #[test]
 fn idle_h2_client_that_ignores_goaway_is_closed_anyway() {
     let b = Backends::start(1);
-    let f = h2_ferry("keepalive_timeout = \"300ms\"\nclient_header_timeout = \"1s\"", &b);
+    let f = h2_ferry(
+        "keepalive_timeout = \"300ms\"\nclient_header_timeout = \"1s\"",
+        &b,
+    );
     let mut c = H2Raw::connect(f.addr);
     c.pong = false;
     c.settings();
-    c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block("/")))
-        .unwrap();
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/"),
+    ))
+    .unwrap();
     let start = Instant::now();
     while c.next().is_some() {}
     assert!(start.elapsed() < Duration::from_secs(10));
@@ -485,8 +581,13 @@ fn shutdown_lets_an_h2_stream_in_flight_finish() {
     let mut f = h2_ferry("", &b);
     let mut c = H2Raw::connect(f.addr);
     c.settings();
-    c.send(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &get_block("/hold")))
-        .unwrap();
+    c.send(&frame(
+        HEADERS,
+        END_STREAM | END_HEADERS,
+        1,
+        &get_block("/hold"),
+    ))
+    .unwrap();
     // The first part arrived: the stream is in flight.
     loop {
         let fr = c.next().expect("first part");
