@@ -53,6 +53,7 @@ fn upstream(strategy: StrategyKind, consistent: bool, random_two: bool) -> Upstr
         queue_timeout: Duration::from_secs(60),
         servers: Vec::new(),
         health_check: None,
+        scheme: ferry::config::UpstreamScheme::Http,
     }
 }
 

@@ -330,6 +330,7 @@ mod tests {
             queue_timeout: Duration::from_secs(60),
             servers: Vec::new(),
             health_check: None,
+            scheme: crate::config::UpstreamScheme::Http,
         }
     }
 
