@@ -1053,6 +1053,18 @@ impl Config {
                     fmt_duration(s.shutdown_timeout)
                 ),
             ],
+            vec![
+                "http2".to_owned(),
+                if s.http2 {
+                    format!(
+                        "h2c on  streams {}  header_size {}",
+                        s.http2_max_concurrent_streams,
+                        fmt_size(u64::from(s.http2_max_header_size))
+                    )
+                } else {
+                    "off".to_owned()
+                },
+            ],
             vec!["admin".to_owned(), format!("{admin}  token {token}")],
             vec![
                 "log".to_owned(),
@@ -1090,7 +1102,11 @@ impl Config {
             if u.random_two {
                 strategy.push_str(" two");
             }
-            writeln!(out, "upstream {}  {strategy}", u.name)?;
+            let scheme = match u.scheme {
+                UpstreamScheme::Http => "",
+                UpstreamScheme::H2c => "  h2c",
+            };
+            writeln!(out, "upstream {}  {strategy}{scheme}", u.name)?;
             let tries = if u.next_upstream_tries == 0 {
                 "auto".to_owned()
             } else {
@@ -2150,6 +2166,40 @@ mod tests {
     }
 
     #[test]
+    fn http2_keys() {
+        let c = ok(
+            "[server]\nhttp2 = false\nhttp2_max_concurrent_streams = 16\n\
+             http2_max_header_size = \"32KiB\"\n\
+             [[upstream]]\nname = \"a\"\nscheme = \"h2c\"\n\
+             [[upstream.server]]\naddr = \"127.0.0.1:81\"\n",
+        );
+        assert!(!c.server.http2);
+        assert_eq!(c.server.http2_max_concurrent_streams, 16);
+        assert_eq!(c.server.http2_max_header_size, 32 * 1024);
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::H2c);
+        let e = err("[server]\nhttp2_max_concurrent_streams = 0\n");
+        check(
+            &e,
+            2,
+            32,
+            "server.http2_max_concurrent_streams",
+            "at least 1",
+        );
+        let e = err("[server]\nhttp2_max_header_size = \"100\"\n");
+        check(&e, 2, 25, "server.http2_max_header_size", "between 1KiB");
+        let e = err(
+            "[[upstream]]\nname = \"a\"\nscheme = \"grpc\"\n[[upstream.server]]\naddr = \"127.0.0.1:81\"\n",
+        );
+        check(
+            &e,
+            3,
+            10,
+            "upstream[0].scheme",
+            "expected \"http\" or \"h2c\"",
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = ok(ONE);
         let s = &c.server;
@@ -2160,6 +2210,10 @@ mod tests {
         assert_eq!(s.client_max_body_size, 10 << 20);
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert!(s.http2);
+        assert_eq!(s.http2_max_concurrent_streams, 128);
+        assert_eq!(s.http2_max_header_size, 64 * 1024);
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::Http);
         assert_eq!(
             c.admin.listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 9180)))
