@@ -10,11 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use crate::config::HealthCheckConfig;
+use crate::config::{HealthCheckConfig, UpstreamScheme};
 use crate::peer::Peer;
 use crate::runtime::Runtime;
 
@@ -43,9 +43,10 @@ pub fn start(rt: &Runtime) -> Checkers {
             continue;
         };
         let hc = Arc::new(hc.clone());
+        let scheme = up.cfg.scheme;
         for peer in up.peers() {
             let (peer, hc, name) = (Arc::clone(peer), Arc::clone(&hc), up.cfg.name.clone());
-            tasks.push(tokio::spawn(check_forever(name, peer, hc)));
+            tasks.push(tokio::spawn(check_forever(name, peer, hc, scheme)));
         }
     }
     Checkers { tasks }
@@ -100,7 +101,12 @@ fn jittered(interval: Duration) -> Duration {
     Duration::from_millis(ms - spread + fastrand::u64(0..=2 * spread))
 }
 
-async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckConfig>) {
+async fn check_forever(
+    upstream: String,
+    peer: Arc<Peer>,
+    hc: Arc<HealthCheckConfig>,
+    scheme: UpstreamScheme,
+) {
     let mut counter = Counter::new(peer.is_healthy());
     // A peer that starts unhealthy (mandatory checks) needs one pass to join.
     let mut first_rise = if peer.is_healthy() { hc.rise } else { 1 };
@@ -110,7 +116,7 @@ async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckCon
     )))
     .await;
     loop {
-        let result = check_once(&peer, &hc).await;
+        let result = check_once(&peer, &hc, scheme).await;
         let pass = result.is_ok();
         if let Some(healthy) = counter.record(pass, first_rise, hc.fall) {
             first_rise = hc.rise;
@@ -125,34 +131,69 @@ async fn check_forever(upstream: String, peer: Arc<Peer>, hc: Arc<HealthCheckCon
     }
 }
 
-/// One check: connect, GET, compare status (and body). `Err` says why it failed.
-pub async fn check_once(peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String> {
-    match tokio::time::timeout(hc.timeout, probe(peer, hc)).await {
+/// One check: connect, GET (in the upstream's protocol), compare status (and
+/// body). `Err` says why it failed.
+pub async fn check_once(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
+) -> Result<(), String> {
+    match tokio::time::timeout(hc.timeout, probe(peer, hc, scheme)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timed out after {:?}", hc.timeout)),
     }
 }
 
-async fn probe(peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String> {
+/// Send the check's request on a new connection; the response and the
+/// connection's task.
+async fn send_probe(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
+) -> Result<(http::Response<hyper::body::Incoming>, JoinHandle<()>), String> {
     let stream = TcpStream::connect(peer.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
     let host = hc.host.clone().unwrap_or_else(|| peer.addr_str.to_string());
-    let req = Request::get(hc.path.as_str())
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "ferry-health-check")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("bad request: {e}"))?;
-    let resp = tx
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let req = Request::get(hc.path.as_str()).header(header::USER_AGENT, "ferry-health-check");
+    match scheme {
+        UpstreamScheme::Http => {
+            let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let conn = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = req
+                .header(header::HOST, host)
+                .header(header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("bad request: {e}"))?;
+            let resp = tx.send_request(req).await;
+            Ok((resp.map_err(|e| format!("request: {e}"))?, conn))
+        }
+        UpstreamScheme::H2c => {
+            let (mut tx, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("handshake: {e}"))?;
+            let conn = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let req = req
+                .uri(format!("http://{host}{}", hc.path))
+                .version(http::Version::HTTP_2)
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("bad request: {e}"))?;
+            let resp = tx.send_request(req).await;
+            Ok((resp.map_err(|e| format!("request: {e}"))?, conn))
+        }
+    }
+}
+
+async fn probe(peer: &Peer, hc: &HealthCheckConfig, scheme: UpstreamScheme) -> Result<(), String> {
+    let (resp, conn) = send_probe(peer, hc, scheme).await?;
     let status = resp.status().as_u16();
     let (lo, hi) = hc.expect_status;
     if status < lo || status > hi {

@@ -206,3 +206,30 @@ fn h2c_upstream_read_timeout_gives_504_and_counts_against_the_peer() {
     let (st, _) = http_get(front.addr, "/", &[]);
     assert_eq!(st, 200);
 }
+
+#[test]
+fn active_health_checks_speak_h2c_to_an_h2c_upstream() {
+    let b = Backends::start(1);
+    let back = Ferry::start(&ferry_config(
+        "",
+        "",
+        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
+    ));
+    let front = Ferry::start(&ferry_config(
+        "",
+        "",
+        &format!(
+            "{}[upstream.health_check]\npath = \"/health\"\ninterval = \"200ms\"\n",
+            h2c_upstream("h2", back.addr, "")
+        ),
+    ));
+    // The checks pass through the h2c ferry to the backend, which counts them.
+    assert!(wait_until(DEADLINE, || b.list[0].checks.load(Relaxed) >= 3));
+    let (st, _) = http_get(front.addr, "/", &[]);
+    assert_eq!(st, 200);
+    assert!(
+        front
+            .wait_log("health check failed", std::time::Duration::ZERO)
+            .is_none()
+    );
+}
