@@ -342,7 +342,7 @@ impl RequestPart {
                 text.push('"');
                 text.push_str(method.as_str());
                 text.push(' ');
-                push_target(&mut text, uri);
+                push_target(&mut text, uri, version);
                 text.push(' ');
                 text.push_str(version_str(version));
                 text.push('"');
@@ -385,9 +385,14 @@ impl std::fmt::Display for Secs {
 }
 
 /// The request target as received (origin form without formatting machinery).
-fn push_target(text: &mut String, uri: &http::Uri) {
+/// The request target as the client wrote it: HTTP/2's `:path` (the URI hyper
+/// builds carries `:scheme` and `:authority` too), HTTP/1.1's target as sent.
+fn push_target(text: &mut String, uri: &http::Uri, version: http::Version) {
     match uri.path_and_query() {
-        Some(pq) if uri.scheme().is_none() && uri.authority().is_none() => {
+        Some(pq)
+            if version == http::Version::HTTP_2
+                || (uri.scheme().is_none() && uri.authority().is_none()) =>
+        {
             text.push_str(pq.as_str())
         }
         _ => {

@@ -632,3 +632,22 @@ fn http2_off_leaves_h2c_unanswered() {
     let (st, _) = http_get(f.addr, "/", &[]);
     assert_eq!(st, 200);
 }
+
+#[test]
+fn access_log_shows_the_h2_request_line_as_nginx_does() {
+    let b = Backends::start(1);
+    let f = Ferry::start(&ferry_config(
+        "",
+        "access = \"stdout\"",
+        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
+    ));
+    let (code, _, err) = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        &f.url("/logged?q=1"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let line = f.wait_log("/logged", DEADLINE).expect("access log line");
+    assert!(line.contains("\"GET /logged?q=1 HTTP/2.0\" 200"), "{line}");
+}
