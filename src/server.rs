@@ -799,6 +799,16 @@ impl Client {
         }
     }
 
+    fn keepalive_ms(&self) -> u64 {
+        self.shared
+            .runtime
+            .load()
+            .config
+            .server
+            .keepalive_timeout
+            .as_millis() as u64
+    }
+
     fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
         Arc::new(Ctx {
             shared: Arc::clone(&self.shared),
@@ -904,29 +914,21 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let ctx = client.ctx(true);
-    let cfg = client.shared.runtime.load().config.server.clone();
+    let (streams, header_size) = {
+        let rt = client.shared.runtime.load();
+        let s = &rt.config.server;
+        (s.http2_max_concurrent_streams, s.http2_max_header_size)
+    };
     let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
     // Tokio's spawn on a current-thread runtime keeps the stream tasks on this
     // worker's thread, with its thread-local upstream pool.
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.max_concurrent_streams(cfg.http2_max_concurrent_streams)
-        .max_header_list_size(cfg.http2_max_header_size)
+    b.max_concurrent_streams(streams)
+        .max_header_list_size(header_size)
         .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
         .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
     let conn = b.serve_connection(TokioIo::new(io), svc);
     drive(conn, |c| c.graceful_shutdown(), client, true).await;
-}
-
-impl Client {
-    fn keepalive_ms(&self) -> u64 {
-        self.shared
-            .runtime
-            .load()
-            .config
-            .server
-            .keepalive_timeout
-            .as_millis() as u64
-    }
 }
 
 /// Run a client connection to its end, enforcing `client_header_timeout` and
