@@ -537,8 +537,9 @@ fn upstream_request(
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if found.te_trailers {
-        // The one TE value HTTP/2 allows; gRPC servers insist on it.
+    if found.te_trailers && scheme == UpstreamScheme::H2c {
+        // The one TE value HTTP/2 allows; gRPC servers insist on it. (An
+        // HTTP/1.1 hop gets none, as from nginx.)
         h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let ip_value = ctx.client_ip.clone();
@@ -1039,7 +1040,11 @@ async fn attempt(
     AttemptError,
 > {
     if cfg.scheme == UpstreamScheme::H2c {
-        return attempt_h2(peer, cfg, req, started).await.map(|r| (r, None));
+        // Boxed: inline, its state would grow this future, which HTTP/1.1
+        // requests move around too.
+        return Box::pin(attempt_h2(peer, cfg, req, started))
+            .await
+            .map(|r| (r, None));
     }
     let mut pooled = client::checkout(peer);
     let mut resent = false;
