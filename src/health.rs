@@ -288,14 +288,21 @@ mod tests {
             .await
             .unwrap();
         let p = peer(b.addr);
-        assert_eq!(check_once(&p, &hc("/")).await, Ok(()));
-        let e = check_once(&p, &hc("/status/503")).await.unwrap_err();
+        assert_eq!(check_once(&p, &hc("/"), UpstreamScheme::Http).await, Ok(()));
+        let e = check_once(&p, &hc("/status/503"), UpstreamScheme::Http)
+            .await
+            .unwrap_err();
         assert!(e.contains("status 503"), "{e}");
         let mut want = hc("/");
         want.expect_body = Some("hello from hc".into());
-        assert_eq!(check_once(&p, &want).await, Ok(()));
+        assert_eq!(check_once(&p, &want, UpstreamScheme::Http).await, Ok(()));
         want.expect_body = Some("nope".into());
-        assert!(check_once(&p, &want).await.unwrap_err().contains("body"));
+        assert!(
+            check_once(&p, &want, UpstreamScheme::Http)
+                .await
+                .unwrap_err()
+                .contains("body")
+        );
     }
 
     #[tokio::test]
@@ -304,7 +311,7 @@ mod tests {
         let closed = l.local_addr().unwrap();
         drop(l);
         assert!(
-            check_once(&peer(closed), &hc("/"))
+            check_once(&peer(closed), &hc("/"), UpstreamScheme::Http)
                 .await
                 .unwrap_err()
                 .contains("connect")
@@ -316,7 +323,7 @@ mod tests {
         let mut quick = hc("/");
         quick.timeout = Duration::from_millis(300);
         assert!(
-            check_once(&peer(b.addr), &quick)
+            check_once(&peer(b.addr), &quick, UpstreamScheme::Http)
                 .await
                 .unwrap_err()
                 .contains("timed out")
