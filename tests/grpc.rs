@@ -233,3 +233,25 @@ fn active_health_checks_speak_h2c_to_an_h2c_upstream() {
             .is_none()
     );
 }
+
+#[test]
+fn a_closed_h2c_upstream_connection_is_replaced() {
+    let b = Backends::start(1);
+    let rest = upstream("app", &b.list.iter().collect::<Vec<_>>());
+    let mut back = Ferry::start(&ferry_config("", "", &rest));
+    let port = back.addr.port();
+    let front = Ferry::start(&ferry_config("", "", &h2c_upstream("h2", back.addr, "")));
+    let (st, _) = http_get(front.addr, "/", &[]);
+    assert_eq!(st, 200);
+    // The server goes away (GOAWAY, close) and comes back on the same port.
+    back.signal("TERM");
+    assert_eq!(back.wait_exit(DEADLINE), Some(0));
+    let back2 = Ferry::start(
+        &ferry_config("", "", &rest).replace("127.0.0.1:0\"]", &format!("127.0.0.1:{port}\"]")),
+    );
+    assert_eq!(back2.addr.port(), port);
+    let (st, body) = http_get(front.addr, "/", &[]);
+    assert_eq!(st, 200, "{body}");
+    let connects = front.metric_sum("ferry_upstream_connects_total", &["upstream=\"h2\""]);
+    assert_eq!(connects, 2.0);
+}
