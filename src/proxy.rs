@@ -1284,6 +1284,35 @@ mod tests {
     }
 
     #[test]
+    fn h2_upstream_request_takes_authority_from_host() {
+        let mut req = Request::get("/svc/Method?x=1")
+            .header(header::HOST, "api.example:8080")
+            .header("x-keep", "1")
+            .body(())
+            .unwrap();
+        let (mut parts, _) = req.into_parts();
+        into_h2(&mut parts);
+        assert_eq!(parts.version, Version::HTTP_2);
+        assert_eq!(parts.uri, "http://api.example:8080/svc/Method?x=1");
+        assert!(!parts.headers.contains_key(header::HOST));
+        assert!(parts.headers.contains_key("x-keep"));
+        req = Request::new(());
+        let (mut parts, _) = req.into_parts();
+        into_h2(&mut parts);
+        assert_eq!(parts.uri, "http://localhost/");
+    }
+
+    #[test]
+    fn te_trailers_is_noticed_among_other_codings() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        assert!(strip_hop_by_hop(&mut h).te_trailers);
+        assert!(h.is_empty());
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(!strip_hop_by_hop(&mut h).te_trailers);
+    }
+
+    #[test]
     fn host_without_port() {
         assert_eq!(strip_port("example.com:8080"), "example.com");
         assert_eq!(strip_port("example.com"), "example.com");
