@@ -60,7 +60,22 @@ thread_local! {
 /// connecting, so requests arriving meanwhile wait for that connection rather
 /// than each opening their own.
 #[derive(Default)]
-struct H2Slot(tokio::sync::Mutex<Option<H2Conn>>);
+struct H2Slot(tokio::sync::Mutex<H2State>);
+
+#[derive(Default)]
+struct H2State {
+    conn: Option<H2Conn>,
+    /// The last connect that failed: when, and how. Requests that waited for
+    /// it fail the same way at once instead of each trying (and perhaps
+    /// timing out) in turn.
+    failed: Option<(Instant, FailedConnect)>,
+}
+
+#[derive(Clone)]
+enum FailedConnect {
+    Timeout,
+    Other(String),
+}
 
 struct H2Conn {
     tx: http2::SendRequest<ReqBody>,
@@ -146,21 +161,41 @@ pub async fn h2_sender(
     idle_timeout: Duration,
 ) -> Result<(http2::SendRequest<ReqBody>, bool), ConnectError> {
     let slot = H2.with(|m| Arc::clone(m.borrow_mut().entry(peer.id).or_default()));
-    let mut conn = slot.0.lock().await;
-    if let Some(c) = conn.as_mut()
+    let asked = Instant::now();
+    let mut st = slot.0.lock().await;
+    if let Some(c) = st.conn.as_mut()
         && !c.tx.is_closed()
     {
         c.used = Instant::now();
         return Ok((c.tx.clone(), false));
     }
-    *conn = None;
-    let tx = connect_h2(peer, connect_timeout).await?;
-    *conn = Some(H2Conn {
+    st.conn = None;
+    if let Some((at, how)) = &st.failed
+        && *at >= asked
+    {
+        return Err(match how {
+            FailedConnect::Timeout => ConnectError::Timeout,
+            FailedConnect::Other(e) => ConnectError::Io(io::Error::other(e.clone())),
+        });
+    }
+    let tx = match connect_h2(peer, connect_timeout).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let how = match &e {
+                ConnectError::Timeout => FailedConnect::Timeout,
+                other => FailedConnect::Other(other.to_string()),
+            };
+            st.failed = Some((Instant::now(), how));
+            return Err(e);
+        }
+    };
+    st.failed = None;
+    st.conn = Some(H2Conn {
         tx: tx.clone(),
         used: Instant::now(),
         timeout: idle_timeout,
     });
-    drop(conn);
+    drop(st);
     let start_sweeper = POOL.with(|pool| !std::mem::replace(&mut pool.borrow_mut().sweeper, true));
     if start_sweeper {
         tokio::spawn(sweep_forever());
@@ -173,9 +208,9 @@ pub async fn h2_sender(
 pub fn h2_forget(peer: &Peer) {
     let slot = H2.with(|m| m.borrow_mut().remove(&peer.id));
     if let Some(slot) = slot
-        && let Ok(mut c) = slot.0.try_lock()
+        && let Ok(mut st) = slot.0.try_lock()
     {
-        *c = None;
+        st.conn = None;
     }
 }
 
@@ -212,14 +247,15 @@ fn sweep() {
         m.borrow_mut().retain(|_, slot| match slot.0.try_lock() {
             // Being connected right now.
             Err(_) => true,
-            Ok(mut c) => {
-                let keep = c
+            Ok(mut st) => {
+                let keep = st
+                    .conn
                     .as_ref()
                     .is_some_and(|c| !c.tx.is_closed() && now.duration_since(c.used) < c.timeout);
                 if !keep {
                     // Dropping the last sender closes the connection once its
                     // streams end.
-                    *c = None;
+                    st.conn = None;
                 }
                 keep
             }

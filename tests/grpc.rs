@@ -255,3 +255,57 @@ fn a_closed_h2c_upstream_connection_is_replaced() {
     let connects = front.metric_sum("ferry_upstream_connects_total", &["upstream=\"h2\""]);
     assert_eq!(connects, 2.0);
 }
+
+/// A listener whose accept queue is full: connects to it hang (SYNs dropped),
+/// as to a server that is down behind a firewall.
+fn blackhole() -> (socket2::Socket, std::net::TcpStream) {
+    use socket2::{Domain, Socket, Type};
+    let l = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    l.listen(0).expect("listen");
+    let addr = l
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
+    let filler = std::net::TcpStream::connect(addr).expect("fill the queue");
+    (l, filler)
+}
+
+#[test]
+fn requests_waiting_for_a_timed_out_h2c_connect_fail_together() {
+    let (hole, _filler) = blackhole();
+    let addr = hole
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("addr");
+    let f = Ferry::start(&ferry_config(
+        "",
+        "",
+        &h2c_upstream(
+            "h2",
+            addr,
+            "connect_timeout = \"500ms\"\nnext_upstream = [\"off\"]",
+        ),
+    ));
+    // 20 concurrent requests wait for one connect; when it times out they all
+    // get 504 together, not one after another (20 x 500 ms).
+    let start = std::time::Instant::now();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            let addr = f.addr;
+            std::thread::spawn(move || http_get(addr, "/", &[]).0)
+        })
+        .collect();
+    let statuses: Vec<u16> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    let took = start.elapsed();
+    assert!(statuses.iter().all(|s| *s == 504), "{statuses:?}");
+    assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
+    let connects = f.metric_sum("ferry_upstream_connects_total", &["upstream=\"h2\""]);
+    assert_eq!(connects, 0.0);
+}
