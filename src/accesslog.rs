@@ -375,10 +375,14 @@ impl std::fmt::Display for Secs {
     }
 }
 
-/// The request target as received (origin form without formatting machinery).
-fn push_target(text: &mut String, uri: &http::Uri) {
+/// The request target as the client wrote it: HTTP/2's `:path` (the URI hyper
+/// builds carries `:scheme` and `:authority` too), HTTP/1.1's target as sent.
+fn push_target(text: &mut String, uri: &http::Uri, version: http::Version) {
     match uri.path_and_query() {
-        Some(pq) if uri.scheme().is_none() && uri.authority().is_none() => {
+        Some(pq)
+            if version == http::Version::HTTP_2
+                || (uri.scheme().is_none() && uri.authority().is_none()) =>
+        {
             text.push_str(pq.as_str())
         }
         _ => {
@@ -469,7 +473,7 @@ fn combined(buf: &mut String, clock: &mut Clock, part: &RequestPart, e: &End<'_>
     buf.push_str("] \"");
     buf.push_str(part.method.as_str());
     buf.push(' ');
-    push_target(buf, &part.uri);
+    push_target(buf, &part.uri, part.version);
     buf.push(' ');
     buf.push_str(version_str(part.version));
     buf.push_str("\" ");

@@ -4,6 +4,9 @@
 //! of HTTP/1.1 connections per peer, like an nginx worker: no lock and no
 //! cross-thread traffic on the request path. The number of idle connections per
 //! peer is bounded across all workers by a counter on the peer.
+//!
+//! Peers of `scheme = "h2c"` upstreams get one multiplexed HTTP/2 connection
+//! per worker instead, shared by all of that worker's requests to the peer.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -13,7 +16,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -51,6 +55,36 @@ struct Pool {
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
+    static H2: RefCell<HashMap<usize, Arc<H2Slot>>> = RefCell::new(HashMap::new());
+}
+
+/// This worker's HTTP/2 connection to one peer. The lock is held while
+/// connecting, so requests arriving meanwhile wait for that connection rather
+/// than each opening their own.
+#[derive(Default)]
+struct H2Slot(tokio::sync::Mutex<H2State>);
+
+#[derive(Default)]
+struct H2State {
+    conn: Option<H2Conn>,
+    /// The last connect that failed: when, and how. Requests that waited for
+    /// it fail the same way at once instead of each trying (and perhaps
+    /// timing out) in turn.
+    failed: Option<(Instant, FailedConnect)>,
+}
+
+#[derive(Clone)]
+enum FailedConnect {
+    Timeout,
+    Other(String),
+}
+
+struct H2Conn {
+    tx: http2::SendRequest<ReqBody>,
+    /// Last time a request was sent on it.
+    used: Instant,
+    /// Closed after this long unused (the upstream's `keepalive_timeout`).
+    timeout: Duration,
 }
 
 /// Why a connection could not be had.
@@ -124,8 +158,150 @@ pub fn checkin(peer: &Arc<Peer>, tx: SendRequest<ReqBody>, max_idle: usize, time
     }
 }
 
+/// A request sender on this worker's HTTP/2 connection to `peer`, opened (within
+/// `timeout`) when there is none or it closed. The flag is true when it was
+/// opened for this request.
+pub async fn h2_sender(
+    peer: &Peer,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<(http2::SendRequest<ReqBody>, bool), ConnectError> {
+    let slot = H2.with(|m| Arc::clone(m.borrow_mut().entry(peer.id).or_default()));
+    let asked = Instant::now();
+    let mut st = slot.0.lock().await;
+    if let Some(c) = st.conn.as_mut()
+        && !c.tx.is_closed()
+    {
+        c.used = Instant::now();
+        return Ok((c.tx.clone(), false));
+    }
+    st.conn = None;
+    if let Some((at, how)) = &st.failed
+        && *at >= asked
+    {
+        return Err(match how {
+            FailedConnect::Timeout => ConnectError::Timeout,
+            FailedConnect::Other(e) => ConnectError::Io(io::Error::other(e.clone())),
+        });
+    }
+    let tx = match connect_h2(peer, connect_timeout, tls).await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let how = match &e {
+                ConnectError::Timeout => FailedConnect::Timeout,
+                other => FailedConnect::Other(other.to_string()),
+            };
+            st.failed = Some((Instant::now(), how));
+            return Err(e);
+        }
+    };
+    st.failed = None;
+    st.conn = Some(H2Conn {
+        tx: tx.clone(),
+        used: Instant::now(),
+        timeout: idle_timeout,
+    });
+    drop(st);
+    let start_sweeper = POOL.with(|pool| !std::mem::replace(&mut pool.borrow_mut().sweeper, true));
+    if start_sweeper {
+        tokio::spawn(sweep_forever());
+    }
+    Ok((tx, true))
+}
+
+/// Forget this worker's HTTP/2 connection to `peer` (it failed); the next
+/// request opens a new one. Streams still running on it finish.
+pub fn h2_forget(peer: &Peer) {
+    let slot = H2.with(|m| m.borrow_mut().remove(&peer.id));
+    if let Some(slot) = slot
+        && let Ok(mut st) = slot.0.try_lock()
+    {
+        st.conn = None;
+    }
+}
+
+async fn connect_h2(
+    peer: &Peer,
+    timeout: Duration,
+    tls: Option<&UpstreamTls>,
+) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
+    let deadline = Instant::now() + timeout;
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(peer.addr)).await {
+        Err(_) => return Err(ConnectError::Timeout),
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    peer.stats.connects.fetch_add(1, Relaxed);
+    match tls {
+        None => h2_handshake(stream, deadline).await,
+        Some(tls) => {
+            // Settings are loaded with the file; never fall back to plain text.
+            let tls: &ClientTls = tls.loaded.as_ref().ok_or_else(|| {
+                ConnectError::Tls(io::Error::other("TLS client settings not loaded"))
+            })?;
+            let hello = tls.connect(&peer.params.name, stream);
+            let s = match tokio::time::timeout_at(deadline, hello).await {
+                Err(_) => return Err(ConnectError::Timeout),
+                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
+                Ok(Ok(s)) => s,
+            };
+            if s.get_ref().1.alpn_protocol() != Some(b"h2") {
+                return Err(ConnectError::Tls(io::Error::other(
+                    "the server did not agree to HTTP/2 (ALPN h2)",
+                )));
+            }
+            h2_handshake(s, deadline).await
+        }
+    }
+}
+
+/// Start HTTP/2 on a connected stream, by `deadline`; its connection task runs
+/// on this worker.
+async fn h2_handshake<I>(
+    io: I,
+    deadline: Instant,
+) -> Result<http2::SendRequest<ReqBody>, ConnectError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // Tokio's spawn on the worker's current-thread runtime keeps the
+    // connection's task on this thread.
+    let handshake = http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(io));
+    let (tx, conn) = match tokio::time::timeout_at(deadline, handshake).await {
+        Err(_) => return Err(ConnectError::Timeout),
+        Ok(r) => r.map_err(ConnectError::Handshake)?,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+        }
+    });
+    Ok(tx)
+}
+
 /// Close expired and dead idle connections of this worker.
 fn sweep() {
+    H2.with(|m| {
+        let now = Instant::now();
+        m.borrow_mut().retain(|_, slot| match slot.0.try_lock() {
+            // Being connected right now.
+            Err(_) => true,
+            Ok(mut st) => {
+                let keep = st
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| !c.tx.is_closed() && now.duration_since(c.used) < c.timeout);
+                if !keep {
+                    // Dropping the last sender closes the connection once its
+                    // streams end.
+                    st.conn = None;
+                }
+                keep
+            }
+        });
+    });
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let now = Instant::now();

@@ -74,13 +74,41 @@ pub struct TlsConfig {
     pub loaded: Option<crate::tls::ServerTls>,
 }
 
-/// How ferry talks to an upstream's servers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How ferry talks to an upstream's servers (`scheme`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum UpstreamScheme {
-    /// Plain HTTP/1.1.
+    /// HTTP/1.1 over TCP, on pooled keep-alive connections.
+    #[default]
     Http,
-    /// HTTP/1.1 over TLS.
+    /// HTTP/1.1 over TLS, pooled the same way.
     Https,
+    /// HTTP/2 over TCP with prior knowledge (gRPC backends): a few multiplexed
+    /// connections per server and worker instead of the HTTP/1.1 pool.
+    H2c,
+    /// HTTP/2 over TLS (ALPN `h2`), multiplexed like `h2c`.
+    H2,
+}
+
+impl UpstreamScheme {
+    /// Spoken over TLS.
+    pub fn is_tls(self) -> bool {
+        matches!(self, UpstreamScheme::Https | UpstreamScheme::H2)
+    }
+
+    /// Spoken as HTTP/2.
+    pub fn is_h2(self) -> bool {
+        matches!(self, UpstreamScheme::H2c | UpstreamScheme::H2)
+    }
+
+    /// The configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamScheme::Http => "http",
+            UpstreamScheme::Https => "https",
+            UpstreamScheme::H2c => "h2c",
+            UpstreamScheme::H2 => "h2",
+        }
+    }
 }
 
 /// TLS towards an upstream (`scheme = "https"`).
@@ -119,6 +147,12 @@ pub struct ServerConfig {
     /// Plain listeners serve `/.well-known/acme-challenge/<token>` from
     /// `<acme_webroot>/.well-known/acme-challenge/<token>` (certbot's webroot).
     pub acme_webroot: Option<PathBuf>,
+    /// Accept HTTP/2 with prior knowledge (h2c) on the plain listeners.
+    pub http2: bool,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Largest HTTP/2 header list (names, values and 32 bytes per field).
+    pub http2_max_header_size: u32,
 }
 
 /// `[admin]`.
@@ -455,6 +489,9 @@ struct RawServer {
     shutdown_timeout: Option<Dur>,
     redirect_https: Option<bool>,
     acme_webroot: Option<Spanned<String>>,
+    http2: Option<bool>,
+    http2_max_concurrent_streams: Option<Spanned<u32>>,
+    http2_max_header_size: Option<Spanned<Size>>,
 }
 
 /// `[admin]`.
@@ -1143,6 +1180,18 @@ impl Config {
                     fmt_duration(s.shutdown_timeout)
                 ),
             ],
+            vec![
+                "http2".to_owned(),
+                if s.http2 {
+                    format!(
+                        "h2c on  streams {}  header_size {}",
+                        s.http2_max_concurrent_streams,
+                        fmt_size(u64::from(s.http2_max_header_size))
+                    )
+                } else {
+                    "off".to_owned()
+                },
+            ],
             vec!["admin".to_owned(), format!("{admin}  token {token}")],
             vec![
                 "log".to_owned(),
@@ -1212,7 +1261,11 @@ impl Config {
             if u.random_two {
                 strategy.push_str(" two");
             }
-            writeln!(out, "upstream {}  {strategy}", u.name)?;
+            let scheme = match u.scheme {
+                UpstreamScheme::Http | UpstreamScheme::Https => String::new(),
+                s => format!("  {}", s.as_str()),
+            };
+            writeln!(out, "upstream {}  {strategy}{scheme}", u.name)?;
             if let Some(t) = &u.tls {
                 let verify = match (&t.ca_file, t.verify) {
                     (_, false) => "off".to_owned(),
@@ -1224,7 +1277,7 @@ impl Config {
                     .as_ref()
                     .map(|n| format!("  server name {n}"))
                     .unwrap_or_default();
-                writeln!(out, "  https  verify {verify}{name}")?;
+                writeln!(out, "  {}  verify {verify}{name}", u.scheme.as_str())?;
             }
             let tries = if u.next_upstream_tries == 0 {
                 "auto".to_owned()
@@ -1587,16 +1640,20 @@ impl Ctx<'_> {
             Some(s) => match s.get_ref().as_str() {
                 "http" => UpstreamScheme::Http,
                 "https" => UpstreamScheme::Https,
+                "h2c" => UpstreamScheme::H2c,
+                "h2" => UpstreamScheme::H2,
                 other => {
                     return Err(self.err(
                         s.span(),
                         format!("{key}.scheme"),
-                        format!("unknown scheme \"{other}\"; expected \"http\" or \"https\""),
+                        format!(
+                            "unknown scheme \"{other}\"; expected \"http\", \"https\", \"h2c\" or \"h2\""
+                        ),
                     ));
                 }
             },
         };
-        if scheme == UpstreamScheme::Http {
+        if !scheme.is_tls() {
             let stray = [
                 ("tls_verify", u.tls_verify.as_ref().map(Spanned::span)),
                 ("tls_ca_file", u.tls_ca_file.as_ref().map(Spanned::span)),
@@ -1610,7 +1667,8 @@ impl Ctx<'_> {
                     at,
                     format!("{key}.{name}"),
                     format!(
-                        "{name} only applies to scheme = \"https\" (this upstream uses \"http\")"
+                        "{name} only applies to scheme = \"https\" or \"h2\" (this upstream uses \"{}\")",
+                        scheme.as_str()
                     ),
                 ));
             }
@@ -1741,6 +1799,30 @@ impl Ctx<'_> {
             Some(n) => n.into_inner(),
             None => 10_000,
         };
+        let http2_max_concurrent_streams = match r.http2_max_concurrent_streams {
+            Some(n) if *n.get_ref() == 0 => {
+                return Err(self.err(
+                    n.span(),
+                    "server.http2_max_concurrent_streams",
+                    "must be at least 1",
+                ));
+            }
+            Some(n) => n.into_inner(),
+            None => 128,
+        };
+        let http2_max_header_size = match r.http2_max_header_size {
+            None => 64 * 1024,
+            Some(n) => match u32::try_from(n.get_ref().0) {
+                Ok(v) if v >= 1024 => v,
+                _ => {
+                    return Err(self.err(
+                        n.span(),
+                        "server.http2_max_header_size",
+                        "must be between 1KiB and 4GiB",
+                    ));
+                }
+            },
+        };
         let server = ServerConfig {
             listen,
             workers: r.workers.unwrap_or(0),
@@ -1751,6 +1833,9 @@ impl Ctx<'_> {
             shutdown_timeout: r.shutdown_timeout.map_or(Duration::from_secs(30), |d| d.0),
             redirect_https: r.redirect_https.unwrap_or(false),
             acme_webroot,
+            http2: r.http2.unwrap_or(true),
+            http2_max_concurrent_streams,
+            http2_max_header_size,
         };
         Ok((server, spans))
     }
@@ -2431,6 +2516,40 @@ mod tests {
     }
 
     #[test]
+    fn http2_keys() {
+        let c = ok(
+            "[server]\nhttp2 = false\nhttp2_max_concurrent_streams = 16\n\
+             http2_max_header_size = \"32KiB\"\n\
+             [[upstream]]\nname = \"a\"\nscheme = \"h2c\"\n\
+             [[upstream.server]]\naddr = \"127.0.0.1:81\"\n",
+        );
+        assert!(!c.server.http2);
+        assert_eq!(c.server.http2_max_concurrent_streams, 16);
+        assert_eq!(c.server.http2_max_header_size, 32 * 1024);
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::H2c);
+        let e = err("[server]\nhttp2_max_concurrent_streams = 0\n");
+        check(
+            &e,
+            2,
+            32,
+            "server.http2_max_concurrent_streams",
+            "at least 1",
+        );
+        let e = err("[server]\nhttp2_max_header_size = \"100\"\n");
+        check(&e, 2, 25, "server.http2_max_header_size", "between 1KiB");
+        let e = err(
+            "[[upstream]]\nname = \"a\"\nscheme = \"grpc\"\n[[upstream.server]]\naddr = \"127.0.0.1:81\"\n",
+        );
+        check(
+            &e,
+            3,
+            10,
+            "upstream[0].scheme",
+            "expected \"http\", \"https\", \"h2c\" or \"h2\"",
+        );
+    }
+
+    #[test]
     fn defaults() {
         let c = ok(ONE);
         let s = &c.server;
@@ -2441,6 +2560,10 @@ mod tests {
         assert_eq!(s.client_max_body_size, 10 << 20);
         assert_eq!(s.max_connections, 10_000);
         assert_eq!(s.shutdown_timeout, Duration::from_secs(30));
+        assert!(s.http2);
+        assert_eq!(s.http2_max_concurrent_streams, 128);
+        assert_eq!(s.http2_max_header_size, 64 * 1024);
+        assert_eq!(c.upstreams[0].scheme, UpstreamScheme::Http);
         assert_eq!(
             c.admin.listen,
             Some(SocketAddr::from(([127, 0, 0, 1], 9180)))
@@ -3482,7 +3605,7 @@ mandatory = true
             3,
             10,
             "upstream[0].scheme",
-            "expected \"http\" or \"https\"",
+            "expected \"http\", \"https\", \"h2c\" or \"h2\"",
         );
         let e = err(&format!("{up}tls_verify = false\n{srv}"));
         check(

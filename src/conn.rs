@@ -4,11 +4,12 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::metrics::WorkerCounters;
@@ -31,13 +32,22 @@ pub struct ConnState {
     since: AtomicU64,
     /// Responses still being written (a pipelined request may start before the
     /// previous response ended).
-    active: AtomicU8,
+    active: AtomicU32,
     /// At least one request was received.
     served: std::sync::atomic::AtomicBool,
     /// ferry answered before reading the whole request body: linger at close.
     linger: AtomicBool,
+    /// HTTP/2: streams ended, and how many of them the client cut short.
+    streams_ended: AtomicU32,
+    streams_cut: AtomicU32,
+    /// HTTP/2: the client cuts most of its streams short; close the connection.
+    abusive: Notify,
     counters: &'static WorkerCounters,
 }
+
+/// HTTP/2 streams a client may cut short (reset before the response ended)
+/// before the share of cut streams is looked at.
+const CUT_STREAMS_ALLOWED: u32 = 100;
 
 impl ConnState {
     /// A new connection starts waiting for its first request.
@@ -46,9 +56,12 @@ impl ConnState {
         ConnState {
             state: AtomicU8::new(WAITING),
             since: AtomicU64::new(now_ms()),
-            active: AtomicU8::new(0),
+            active: AtomicU32::new(0),
             served: std::sync::atomic::AtomicBool::new(false),
             linger: AtomicBool::new(false),
+            streams_ended: AtomicU32::new(0),
+            streams_cut: AtomicU32::new(0),
+            abusive: Notify::new(),
             counters,
         }
     }
@@ -108,6 +121,25 @@ impl ConnState {
     /// close will linger so the client can finish sending and read the answer.
     pub fn linger_on_close(&self) {
         self.linger.store(true, Relaxed);
+    }
+
+    /// An HTTP/2 stream ended; `cut`: before its response did (the client
+    /// reset it). A client that cuts more than [`CUT_STREAMS_ALLOWED`] streams,
+    /// and most of its streams, is flooding resets (CVE-2023-44487 with the
+    /// streams accepted before the resets arrive): its connection is closed.
+    pub fn stream_ended(&self, cut: bool) {
+        let ended = self.streams_ended.fetch_add(1, Relaxed) + 1;
+        if cut {
+            let n = self.streams_cut.fetch_add(1, Relaxed) + 1;
+            if n > CUT_STREAMS_ALLOWED && n * 2 > ended {
+                self.abusive.notify_one();
+            }
+        }
+    }
+
+    /// Resolves when the client turned out to flood stream resets.
+    pub async fn abusive(&self) {
+        self.abusive.notified().await
     }
 
     /// Whether any request arrived on this connection.

@@ -10,11 +10,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, header};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use crate::config::{HealthCheckConfig, UpstreamTls};
+use crate::config::{HealthCheckConfig, UpstreamScheme, UpstreamTls};
 use crate::peer::Peer;
 use crate::runtime::Runtime;
 
@@ -43,11 +43,12 @@ pub fn start(rt: &Runtime) -> Checkers {
             continue;
         };
         let hc = Arc::new(hc.clone());
+        let scheme = up.cfg.scheme;
         let tls = up.cfg.tls.clone().map(Arc::new);
         for peer in up.peers() {
             let (peer, hc, name) = (Arc::clone(peer), Arc::clone(&hc), up.cfg.name.clone());
             let tls = tls.clone();
-            tasks.push(tokio::spawn(check_forever(name, peer, hc, tls)));
+            tasks.push(tokio::spawn(check_forever(name, peer, hc, scheme, tls)));
         }
     }
     Checkers { tasks }
@@ -106,6 +107,7 @@ async fn check_forever(
     upstream: String,
     peer: Arc<Peer>,
     hc: Arc<HealthCheckConfig>,
+    scheme: UpstreamScheme,
     tls: Option<Arc<UpstreamTls>>,
 ) {
     let mut counter = Counter::new(peer.is_healthy());
@@ -117,7 +119,7 @@ async fn check_forever(
     )))
     .await;
     loop {
-        let result = check_once(&peer, &hc, tls.as_deref()).await;
+        let result = check_once(&peer, &hc, scheme, tls.as_deref()).await;
         let pass = result.is_ok();
         if let Some(healthy) = counter.record(pass, first_rise, hc.fall) {
             first_rise = hc.rise;
@@ -132,61 +134,97 @@ async fn check_forever(
     }
 }
 
-/// One check: connect (with TLS for an `https` upstream), GET, compare status
-/// (and body). `Err` says why it failed.
+/// One check: connect (with TLS for `https` and `h2` upstreams), GET (in the
+/// upstream's protocol), compare status (and body). `Err` says why it failed.
 pub async fn check_once(
     peer: &Peer,
     hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
     tls: Option<&UpstreamTls>,
 ) -> Result<(), String> {
-    match tokio::time::timeout(hc.timeout, probe(peer, hc, tls)).await {
+    match tokio::time::timeout(hc.timeout, probe(peer, hc, scheme, tls)).await {
         Ok(r) => r,
         Err(_) => Err(format!("timed out after {:?}", hc.timeout)),
     }
 }
 
-async fn probe(
+/// Send the check's request on a new connection; the response and the
+/// connection's task.
+async fn send_probe(
     peer: &Peer,
     hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
     tls: Option<&UpstreamTls>,
-) -> Result<(), String> {
+) -> Result<(http::Response<hyper::body::Incoming>, JoinHandle<()>), String> {
     let stream = TcpStream::connect(peer.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     let _ = stream.set_nodelay(true);
     match tls {
-        None => exchange(stream, peer, hc).await,
+        None => exchange(stream, peer, hc, scheme).await,
         Some(t) => {
             let t = t.loaded.as_ref().ok_or("TLS client settings not loaded")?;
             let s = t
                 .connect(&peer.params.name, stream)
                 .await
                 .map_err(|e| format!("TLS handshake: {e}"))?;
-            exchange(s, peer, hc).await
+            exchange(s, peer, hc, scheme).await
         }
     }
 }
 
 /// The check's request and response on a connected stream.
-async fn exchange<I>(io: I, peer: &Peer, hc: &HealthCheckConfig) -> Result<(), String>
+async fn exchange<I>(
+    io: I,
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
+) -> Result<(http::Response<hyper::body::Incoming>, JoinHandle<()>), String>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
     let host = hc.host.clone().unwrap_or_else(|| peer.addr_str.to_string());
-    let req = Request::get(hc.path.as_str())
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "ferry-health-check")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("bad request: {e}"))?;
-    let resp = tx
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let req = Request::get(hc.path.as_str()).header(header::USER_AGENT, "ferry-health-check");
+    if scheme.is_h2() {
+        let (mut tx, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let uri_scheme = if scheme.is_tls() { "https" } else { "http" };
+        let req = req
+            .uri(format!("{uri_scheme}://{host}{}", hc.path))
+            .version(http::Version::HTTP_2)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("bad request: {e}"))?;
+        let resp = tx.send_request(req).await;
+        Ok((resp.map_err(|e| format!("request: {e}"))?, conn))
+    } else {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = req
+            .header(header::HOST, host)
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| format!("bad request: {e}"))?;
+        let resp = tx.send_request(req).await;
+        Ok((resp.map_err(|e| format!("request: {e}"))?, conn))
+    }
+}
+
+async fn probe(
+    peer: &Peer,
+    hc: &HealthCheckConfig,
+    scheme: UpstreamScheme,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
+    let (resp, conn) = send_probe(peer, hc, scheme, tls).await?;
     let status = resp.status().as_u16();
     let (lo, hi) = hc.expect_status;
     if status < lo || status > hi {
@@ -281,15 +319,23 @@ mod tests {
             .await
             .unwrap();
         let p = peer(b.addr);
-        assert_eq!(check_once(&p, &hc("/"), None).await, Ok(()));
-        let e = check_once(&p, &hc("/status/503"), None).await.unwrap_err();
+        assert_eq!(
+            check_once(&p, &hc("/"), UpstreamScheme::Http, None).await,
+            Ok(())
+        );
+        let e = check_once(&p, &hc("/status/503"), UpstreamScheme::Http, None)
+            .await
+            .unwrap_err();
         assert!(e.contains("status 503"), "{e}");
         let mut want = hc("/");
         want.expect_body = Some("hello from hc".into());
-        assert_eq!(check_once(&p, &want, None).await, Ok(()));
+        assert_eq!(
+            check_once(&p, &want, UpstreamScheme::Http, None).await,
+            Ok(())
+        );
         want.expect_body = Some("nope".into());
         assert!(
-            check_once(&p, &want, None)
+            check_once(&p, &want, UpstreamScheme::Http, None)
                 .await
                 .unwrap_err()
                 .contains("body")
@@ -302,7 +348,7 @@ mod tests {
         let closed = l.local_addr().unwrap();
         drop(l);
         assert!(
-            check_once(&peer(closed), &hc("/"), None)
+            check_once(&peer(closed), &hc("/"), UpstreamScheme::Http, None)
                 .await
                 .unwrap_err()
                 .contains("connect")
@@ -314,7 +360,7 @@ mod tests {
         let mut quick = hc("/");
         quick.timeout = Duration::from_millis(300);
         assert!(
-            check_once(&peer(b.addr), &quick, None)
+            check_once(&peer(b.addr), &quick, UpstreamScheme::Http, None)
                 .await
                 .unwrap_err()
                 .contains("timed out")

@@ -22,6 +22,7 @@ use crate::accesslog::{AccessLog, End, RequestPart, Trail};
 use crate::balance::RequestKey;
 use crate::body::{BoxError, ReadError, ReqBody, is_body_too_large};
 use crate::client::{self, Conn, ConnectError};
+use crate::config::UpstreamScheme;
 use crate::conn::ConnState;
 use crate::metrics::Metrics;
 use crate::peer::{FailReason, InFlight, Peer, Tried, now_ms};
@@ -51,6 +52,8 @@ pub struct Ctx {
     pub state: Arc<ConnState>,
     /// `http` or `https`, for X-Forwarded-Proto.
     pub scheme: &'static str,
+    /// HTTP/2: requests are streams of one connection.
+    pub multiplexed: bool,
     /// The client's address as a header value (X-Real-IP, X-Forwarded-For), made
     /// once per connection.
     pub client_ip: HeaderValue,
@@ -73,9 +76,19 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Remove hop-by-hop headers, including those named by `Connection`. Returns true
-/// when the message asked for a protocol upgrade (`Connection: upgrade` + `Upgrade`).
-fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
+/// What [`strip_hop_by_hop`] found among the headers it removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Stripped {
+    /// A protocol upgrade was asked for (`Connection: upgrade` + `Upgrade`); the
+    /// `Upgrade` header is kept.
+    upgrade: bool,
+    /// `TE` listed `trailers`: the client accepts trailer fields (gRPC needs it
+    /// passed on).
+    te_trailers: bool,
+}
+
+/// Remove hop-by-hop headers, including those named by `Connection`.
+fn strip_hop_by_hop(h: &mut HeaderMap) -> Stripped {
     // One pass over the names first: most messages carry none of these, or only
     // `Connection`, and every lookup or removal hashes a name.
     let mut found = 0u16;
@@ -88,9 +101,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
         }
     }
     if found == 0 && !has_upgrade {
-        return false;
+        return Stripped::default();
     }
     let mut upgrade = false;
+    // HOP_BY_HOP[5] is TE.
+    let te_trailers = found & (1 << 5) != 0
+        && h.get_all(header::TE).iter().any(|v| {
+            v.to_str().unwrap_or("").split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            })
+        });
     if found & 1 != 0 {
         // HOP_BY_HOP[0] is Connection: remove the headers it names too.
         let mut named: smallvec::SmallVec<[HeaderName; 2]> = smallvec::SmallVec::new();
@@ -121,7 +143,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> bool {
     if has_upgrade && !upgrade {
         h.remove(header::UPGRADE);
     }
-    upgrade
+    Stripped {
+        upgrade,
+        te_trailers,
+    }
 }
 
 /// The Host a request is for, as routes name it: without port or trailing dot.
@@ -329,6 +354,11 @@ impl Drop for Done {
                 },
             );
         }
+        if self.ctx.multiplexed {
+            self.ctx
+                .state
+                .stream_ended(self.status == 0 || !self.complete);
+        }
         self.ctx.state.request_finished();
     }
 }
@@ -449,6 +479,7 @@ pub async fn handle(
     done.status = parts.status.as_u16();
     if let Kind::Full(_) = kind
         && had_body
+        && !ctx.multiplexed
         && (parts.status.is_server_error() || parts.status.is_client_error())
     {
         // ferry's own error page to a request whose body may be unread: close
@@ -620,13 +651,20 @@ fn upstream_request(
     req: Request<Incoming>,
     limit: u64,
     started: &Arc<AtomicU64>,
+    scheme: UpstreamScheme,
 ) -> (Request<ReqBody>, bool) {
     let (mut parts, body) = req.into_parts();
-    let upgrade = strip_hop_by_hop(&mut parts.headers);
+    let found = strip_hop_by_hop(&mut parts.headers);
+    let upgrade = found.upgrade && !scheme.is_h2();
     let h = &mut parts.headers;
     h.remove(header::EXPECT);
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if found.te_trailers && scheme.is_h2() {
+        // The one TE value HTTP/2 allows; gRPC servers insist on it. (An
+        // HTTP/1.1 hop gets none, as from nginx.)
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let ip_value = ctx.client_ip.clone();
     // Every incoming X-Forwarded-For line, joined, then the client (nginx's
@@ -666,12 +704,40 @@ fn upstream_request(
         parts.uri = pq.parse().unwrap_or_else(|_| Uri::from_static("/"));
     }
     parts.version = Version::HTTP_11;
+    if scheme.is_h2() {
+        into_h2(&mut parts, scheme.is_tls());
+    }
     let body = if body.is_end_stream() {
         ReqBody::Empty
     } else {
         ReqBody::stream(body, limit, Arc::clone(started))
     };
     (Request::from_parts(parts, body), upgrade)
+}
+
+/// Turn an HTTP/1.1-shaped upstream request into an HTTP/2 one: the target in
+/// absolute form (`:scheme` and `:authority` come from it) and no `Host`.
+fn into_h2(parts: &mut http::request::Parts, tls: bool) {
+    parts.version = Version::HTTP_2;
+    let authority = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|v| http::uri::Authority::try_from(v.as_bytes()).ok());
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(if tls {
+        http::uri::Scheme::HTTPS
+    } else {
+        http::uri::Scheme::HTTP
+    });
+    uri.authority = Some(authority.unwrap_or(http::uri::Authority::from_static("localhost")));
+    uri.path_and_query = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .or(Some(http::uri::PathAndQuery::from_static("/")));
+    if let Ok(u) = Uri::from_parts(uri) {
+        parts.uri = u;
+    }
 }
 
 /// A copy of a request whose body is empty or was read whole, for sending it again.
@@ -760,7 +826,7 @@ async fn forward(
         client_upgrade = Some(hyper::upgrade::on(&mut req));
     }
     let started = Arc::new(AtomicU64::new(0));
-    let (req, upgrade) = upstream_request(ctx, req, body_limit, &started);
+    let (req, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
     if !upgrade {
         client_upgrade = None;
     }
@@ -1103,10 +1169,17 @@ async fn attempt(
 ) -> Result<
     (
         Response<Incoming>,
-        hyper::client::conn::http1::SendRequest<ReqBody>,
+        Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
     ),
     AttemptError,
 > {
+    if cfg.scheme.is_h2() {
+        // Boxed: inline, its state would grow this future, which HTTP/1.1
+        // requests move around too.
+        return Box::pin(attempt_h2(peer, cfg, req, started))
+            .await
+            .map(|r| (r, None));
+    }
     let mut pooled = client::checkout(peer);
     let mut resent = false;
     loop {
@@ -1135,7 +1208,7 @@ async fn attempt(
         let fut = conn.tx.try_send_request(out);
         match with_read_timeout(fut, cfg.read_timeout, started).await {
             None => return Err(AttemptError::Timeout),
-            Some(Ok(resp)) => return Ok((resp, conn.tx)),
+            Some(Ok(resp)) => return Ok((resp, Some(conn.tx))),
             Some(Err(mut e)) => {
                 if let Some(back) = e.take_message() {
                     *req = back;
@@ -1162,6 +1235,67 @@ async fn attempt(
                     *req = again;
                     resent = true;
                     continue;
+                }
+                return Err(AttemptError::Io(err));
+            }
+        }
+    }
+}
+
+/// One attempt on an HTTP/2 peer: a stream on this worker's connection to it
+/// (opened if there is none). A connection that turns out closed before the
+/// request left is replaced once.
+async fn attempt_h2(
+    peer: &Arc<Peer>,
+    cfg: &crate::config::UpstreamConfig,
+    req: &mut Request<ReqBody>,
+    started: &Arc<AtomicU64>,
+) -> Result<Response<Incoming>, AttemptError> {
+    let mut replaced = false;
+    loop {
+        let (mut tx, fresh) = client::h2_sender(
+            peer,
+            cfg.connect_timeout,
+            cfg.keepalive_timeout,
+            cfg.tls.as_ref(),
+        )
+        .await
+        .map_err(AttemptError::Connect)?;
+        if tx.ready().await.is_err() {
+            client::h2_forget(peer);
+            if fresh || replaced {
+                return Err(AttemptError::Connect(ConnectError::Io(
+                    std::io::Error::other("connection closed before the request was sent"),
+                )));
+            }
+            replaced = true;
+            continue;
+        }
+        let out = std::mem::replace(req, Request::new(ReqBody::Empty));
+        let fut = tx.try_send_request(out);
+        drop(tx);
+        match with_read_timeout(fut, cfg.read_timeout, started).await {
+            None => return Err(AttemptError::Timeout),
+            Some(Ok(resp)) => return Ok(resp),
+            Some(Err(mut e)) => {
+                let back = e.take_message();
+                let err = e.into_error();
+                if std::error::Error::source(&err).is_some_and(is_body_too_large) {
+                    return Err(AttemptError::TooLarge);
+                }
+                if err.is_user() {
+                    return Err(AttemptError::ClientBody);
+                }
+                // A closed connection is replaced by the next request; a
+                // stream's own failure leaves the connection to the others.
+                if let Some(back) = back {
+                    // Never sent: the connection was going away.
+                    *req = back;
+                    if !fresh && !replaced {
+                        replaced = true;
+                        continue;
+                    }
+                    return Err(AttemptError::Connect(ConnectError::Handshake(err)));
                 }
                 return Err(AttemptError::Io(err));
             }
@@ -1201,7 +1335,7 @@ fn respond(
     peer: Arc<Peer>,
     guard: InFlight,
     mut resp: Response<Incoming>,
-    tx: hyper::client::conn::http1::SendRequest<ReqBody>,
+    tx: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     done: &mut Done,
 ) -> Response<Kind> {
@@ -1227,7 +1361,7 @@ fn respond(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    done.conn = Some((peer, tx));
+    done.conn = tx.map(|tx| (peer, tx));
     done._guard = Some(guard);
     Response::from_parts(
         parts,
@@ -1266,7 +1400,14 @@ mod tests {
         );
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         h.insert("x-keep", HeaderValue::from_static("1"));
-        assert!(!strip_hop_by_hop(&mut h));
+        let found = strip_hop_by_hop(&mut h);
+        assert_eq!(
+            found,
+            Stripped {
+                upgrade: false,
+                te_trailers: true
+            }
+        );
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
     }
@@ -1276,7 +1417,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(strip_hop_by_hop(&mut h));
+        assert!(strip_hop_by_hop(&mut h).upgrade);
         assert!(h.contains_key(header::UPGRADE));
         assert!(!h.contains_key(header::CONNECTION));
     }
@@ -1297,6 +1438,35 @@ mod tests {
         for bad in ["", "evil.com/x", "a@b", "[zz]", "a b"] {
             assert!(!is_redirect_host(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn h2_upstream_request_takes_authority_from_host() {
+        let mut req = Request::get("/svc/Method?x=1")
+            .header(header::HOST, "api.example:8080")
+            .header("x-keep", "1")
+            .body(())
+            .unwrap();
+        let (mut parts, _) = req.into_parts();
+        into_h2(&mut parts, false);
+        assert_eq!(parts.version, Version::HTTP_2);
+        assert_eq!(parts.uri, "http://api.example:8080/svc/Method?x=1");
+        assert!(!parts.headers.contains_key(header::HOST));
+        assert!(parts.headers.contains_key("x-keep"));
+        req = Request::new(());
+        let (mut parts, _) = req.into_parts();
+        into_h2(&mut parts, false);
+        assert_eq!(parts.uri, "http://localhost/");
+    }
+
+    #[test]
+    fn te_trailers_is_noticed_among_other_codings() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        assert!(strip_hop_by_hop(&mut h).te_trailers);
+        assert!(h.is_empty());
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        assert!(!strip_hop_by_hop(&mut h).te_trailers);
     }
 
     #[test]

@@ -21,7 +21,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -785,7 +789,85 @@ async fn accept_loop(
     }
 }
 
-/// A connection on a plain listener.
+/// The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Streams a client may reset before ferry accepted them, per connection; the
+/// next one ends the connection with GOAWAY `ENHANCE_YOUR_CALM`. This is the
+/// "rapid reset" defence (CVE-2023-44487): a flood of opened-and-reset streams
+/// is all pending-accept resets, since the h2 state machine reads whole
+/// batches of frames before the server takes the streams (h2's own default).
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+
+/// Streams ferry itself may reset for a client's protocol errors, per
+/// connection, before closing it with `ENHANCE_YOUR_CALM` (h2's default; it
+/// bounds the "MadeYouReset" variant of the same attack).
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// An accepted client connection before its protocol is chosen: what serving it
+/// needs besides the byte stream. A TLS listener makes one per connection and
+/// calls [`serve_h1`] or [`serve_h2`] by the ALPN result.
+pub struct Client {
+    /// The worker serving it.
+    pub worker: usize,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// Process-wide state.
+    pub shared: Arc<Shared>,
+    /// Fires at shutdown.
+    pub stop: watch::Receiver<bool>,
+    /// `http` or `https`, for X-Forwarded-Proto.
+    pub scheme: &'static str,
+    /// stub_status state; counted as Waiting from here on.
+    pub state: Arc<ConnState>,
+}
+
+impl Client {
+    /// A new client connection, counted as Waiting.
+    pub fn new(
+        worker: usize,
+        remote: SocketAddr,
+        shared: Arc<Shared>,
+        stop: watch::Receiver<bool>,
+        scheme: &'static str,
+    ) -> Client {
+        let state = Arc::new(ConnState::new(shared.metrics.worker(worker)));
+        Client {
+            worker,
+            remote,
+            shared,
+            stop,
+            scheme,
+            state,
+        }
+    }
+
+    fn keepalive_ms(&self) -> u64 {
+        self.shared
+            .runtime
+            .load()
+            .config
+            .server
+            .keepalive_timeout
+            .as_millis() as u64
+    }
+
+    fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            shared: Arc::clone(&self.shared),
+            worker: self.worker,
+            remote: self.remote,
+            state: Arc::clone(&self.state),
+            scheme: self.scheme,
+            multiplexed,
+            client_ip: http::HeaderValue::from_str(&self.remote.ip().to_string())
+                .unwrap_or(http::HeaderValue::from_static("")),
+        })
+    }
+}
+
+/// Serve a plain-TCP client: HTTP/2 when it opens with the prior-knowledge
+/// preface (and `http2` is on), HTTP/1.1 otherwise.
 async fn serve_connection(
     w: usize,
     stream: tokio::net::TcpStream,
@@ -794,21 +876,35 @@ async fn serve_connection(
     stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
-    let state = Arc::new(ConnState::new(shared.metrics.worker(w)));
-    serve_http(w, stream, remote, shared, stop, state, "http").await;
+    let (http2, header_timeout) = {
+        let rt = shared.runtime.load();
+        (
+            rt.config.server.http2,
+            rt.config.server.client_header_timeout,
+        )
+    };
+    let mut client = Client::new(w, remote, shared, stop, "http");
+    if http2 {
+        match sniff_preface(&stream, header_timeout, &mut client.stop).await {
+            Some(true) => return serve_h2(stream, client).await,
+            Some(false) => {}
+            None => return,
+        }
+    }
+    serve_h1(stream, client).await
 }
 
 /// A connection on a TLS listener: the TLS handshake (within
-/// `client_header_timeout`, as nginx times it), then HTTP over the decrypted
-/// stream. The connection counts as open (Waiting) from the accept on. A failed
-/// handshake ends this connection only: it is counted in
+/// `client_header_timeout`, as nginx times it), then HTTP/2 or HTTP/1.1 over the
+/// decrypted stream, as ALPN chose. The connection counts as open (Waiting) from
+/// the accept on. A failed handshake ends this connection only: it is counted in
 /// `ferry_tls_handshake_errors_total` and logged at debug level.
 async fn serve_tls(
     w: usize,
     stream: tokio::net::TcpStream,
     remote: SocketAddr,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let _ = stream.set_nodelay(true);
     let (acceptor, timeout) = {
@@ -824,11 +920,11 @@ async fn serve_tls(
         return;
     };
     let metrics = shared.metrics;
-    let state = Arc::new(ConnState::new(metrics.worker(w)));
+    let mut client = Client::new(w, remote, shared, stop, "https");
     let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
     let done = tokio::select! {
         r = handshake => r,
-        _ = stop.wait_for(|v| *v) => return,
+        _ = client.stop.wait_for(|v| *v) => return,
     };
     let tls = match done {
         Ok(Ok(tls)) => tls,
@@ -847,46 +943,111 @@ async fn serve_tls(
         Some(rustls::HandshakeKind::Resumed) => metrics.tls_handshakes_resumed.inc(),
         _ => metrics.tls_handshakes_full.inc(),
     }
-    // HTTP/1.1 is the only protocol `tls::ALPN` offers. HTTP/2 dispatches here
-    // on `tls.get_ref().1.alpn_protocol() == Some(b"h2")`.
-    serve_http(w, tls, remote, shared, stop, state, "https").await;
+    if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+        serve_h2(tls, client).await
+    } else {
+        serve_h1(tls, client).await
+    }
 }
 
-/// Serve HTTP/1.1 on an accepted connection (plain, or decrypted TLS) until it
-/// ends: keep-alive and header timeouts, graceful close at shutdown.
-async fn serve_http<I>(
-    w: usize,
-    io: I,
-    remote: SocketAddr,
-    shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
-    state: Arc<ConnState>,
-    scheme: &'static str,
-) where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+/// Whether the client's first bytes are the HTTP/2 preface, looked at without
+/// taking them (one `MSG_PEEK` per connection). `None`: the client closed, sent
+/// nothing within `client_header_timeout`, or ferry is stopping.
+async fn sniff_preface(
+    stream: &tokio::net::TcpStream,
+    header_timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<bool> {
+    let deadline = Instant::now() + header_timeout;
+    let mut buf = [0u8; H2_PREFACE.len()];
+    loop {
+        let n = tokio::select! {
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut buf)) => match r {
+                Ok(Ok(n)) => n,
+                _ => return None,
+            },
+            _ = stop.wait_for(|v| *v) => return None,
+        };
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != H2_PREFACE[..n] {
+            return Some(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Some(true);
+        }
+        // Part of the preface so far (a rare split write): the data already
+        // there keeps the socket readable, so wait a little before looking again.
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection.
+pub async fn serve_h1<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let server_cfg = shared.runtime.load().config.server.clone();
-    let header_ms = server_cfg.client_header_timeout.as_millis() as u64;
-    let keepalive_ms = server_cfg.keepalive_timeout.as_millis() as u64;
-    let ctx = Arc::new(Ctx {
-        shared,
-        worker: w,
-        remote,
-        state: Arc::clone(&state),
-        scheme,
-        client_ip: http::HeaderValue::from_str(&remote.ip().to_string())
-            .unwrap_or(http::HeaderValue::from_static("")),
-    });
-    let io = TokioIo::new(ClientIo::new(io, Arc::clone(&state)));
+    let ctx = client.ctx(false);
+    let io = TokioIo::new(ClientIo::new(io, Arc::clone(&client.state)));
     let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
     let conn = http1::Builder::new()
-        .keep_alive(keepalive_ms > 0)
+        .keep_alive(client.keepalive_ms() > 0)
         .max_buf_size(MAX_HEAD + 1024)
         // max_buf_size alone is loose (a read may fill the buffer's whole spare
         // capacity, so a head up to twice as large can parse); this is exact.
         .max_header_size(MAX_HEAD)
         .serve_connection(io, svc)
         .with_upgrades();
+    drive(conn, |c| c.graceful_shutdown(), client, false).await;
+}
+
+/// Serve HTTP/2 on `io` (after the h2c preface, or a TLS handshake that chose
+/// `h2`). Each stream is a request of its own, forwarded like an HTTP/1.1 one;
+/// the stream tasks run on this worker's runtime, so they use its upstream pool.
+pub async fn serve_h2<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = client.ctx(true);
+    let (streams, header_size) = {
+        let rt = client.shared.runtime.load();
+        let s = &rt.config.server;
+        (s.http2_max_concurrent_streams, s.http2_max_header_size)
+    };
+    let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
+    // Tokio's spawn on a current-thread runtime keeps the stream tasks on this
+    // worker's thread, with its thread-local upstream pool.
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.max_concurrent_streams(streams)
+        .max_header_list_size(header_size)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS);
+    let conn = b.serve_connection(TokioIo::new(io), svc);
+    drive(conn, |c| c.graceful_shutdown(), client, true).await;
+}
+
+/// Run a client connection to its end, enforcing `client_header_timeout` and
+/// `keepalive_timeout` and closing gracefully at shutdown (HTTP/2: GOAWAY, the
+/// streams in progress finish).
+async fn drive<C, E>(conn: C, shutdown: impl Fn(Pin<&mut C>), mut client: Client, multiplexed: bool)
+where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let state = Arc::clone(&client.state);
+    let remote = client.remote;
+    let (header_ms, keepalive_ms) = {
+        let rt = client.shared.runtime.load();
+        (
+            rt.config.server.client_header_timeout.as_millis() as u64,
+            rt.config.server.keepalive_timeout.as_millis() as u64,
+        )
+    };
+    let stop = &mut client.stop;
     tokio::pin!(conn);
     // The timer is not told when the state changes, so while no deadline is due
     // it re-checks this often; no longer than either timeout, so that it always
@@ -899,8 +1060,9 @@ async fn serve_http<I>(
     let sleep = tokio::time::sleep(Duration::from_millis(period));
     tokio::pin!(sleep);
     let mut closing = *stop.borrow();
+    let mut idle_closed = false;
     if closing {
-        conn.as_mut().graceful_shutdown();
+        shutdown(conn.as_mut());
     }
     loop {
         tokio::select! {
@@ -911,6 +1073,11 @@ async fn serve_http<I>(
                 break;
             }
             _ = &mut sleep => {
+                if idle_closed {
+                    // An idle HTTP/2 client that does not finish the GOAWAY
+                    // exchange (answer its PING, close) within the header timeout.
+                    break;
+                }
                 let (st, since) = state.get();
                 let now = now_ms();
                 let limit = match st {
@@ -924,17 +1091,22 @@ async fn serve_http<I>(
                         // Slow request head: close without an answer, as nginx does.
                         break;
                     }
-                    conn.as_mut().graceful_shutdown();
+                    shutdown(conn.as_mut());
                     closing = true;
-                    sleep.as_mut().reset(Instant::now() + Duration::from_secs(3600));
+                    idle_closed = true;
+                    sleep.as_mut().reset(Instant::now() + Duration::from_millis(header_ms));
                 } else {
                     let wait = if limit == u64::MAX { period } else { limit - elapsed };
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
                 }
             }
+            _ = state.abusive(), if multiplexed => {
+                tracing::warn!(client = %remote, "client resets most of its HTTP/2 streams; closing the connection");
+                break;
+            }
             _ = stop.wait_for(|v| *v), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                shutdown(conn.as_mut());
             }
         }
     }

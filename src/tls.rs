@@ -23,13 +23,16 @@ use tokio::net::TcpStream;
 
 use crate::config::{CertificateConfig, Config, ConfigError, FileRef, TlsConfig, UpstreamTls};
 
-/// ALPN protocols offered on TLS listeners, most preferred first. HTTP/2 over
-/// TLS adds `b"h2"` in front; the server dispatches on the protocol negotiated
-/// (see `server::serve_tls`).
-pub const ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN protocols offered on TLS listeners, most preferred first; `h2` only
+/// while `[server] http2` is on. The server dispatches on the protocol
+/// negotiated (see `server::serve_tls`).
+pub const ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// ALPN protocols offered to `scheme = "https"` upstreams.
 const UPSTREAM_ALPN: &[&[u8]] = &[b"http/1.1"];
+
+/// ALPN protocols offered to `scheme = "h2"` upstreams.
+const UPSTREAM_ALPN_H2: &[&[u8]] = &[b"h2"];
 
 /// The TLS versions ferry speaks, on both sides.
 static VERSIONS: &[&rustls::SupportedProtocolVersion] =
@@ -127,7 +130,7 @@ pub fn load(cfg: &mut Config) -> Result<(), ConfigError> {
     }
     for i in 0..cfg.upstreams.len() {
         if let Some(t) = &cfg.upstreams[i].tls {
-            let loaded = client_tls(cfg, t)?;
+            let loaded = client_tls(cfg, t, cfg.upstreams[i].scheme.is_h2())?;
             if let Some(t) = cfg.upstreams[i].tls.as_mut() {
                 t.loaded = Some(loaded);
             }
@@ -223,7 +226,8 @@ fn server_tls(cfg: &Config, t: &TlsConfig) -> Result<ServerTls, ConfigError> {
         .map_err(tls_error)?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
-    sc.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    let offered = if cfg.server.http2 { ALPN } else { &ALPN[1..] };
+    sc.alpn_protocols = offered.iter().map(|p| p.to_vec()).collect();
     // Session tickets, as nginx's `ssl_session_tickets on` default: a client
     // that comes back resumes without a full handshake.
     sc.ticketer = rustls::crypto::ring::Ticketer::new().map_err(tls_error)?;
@@ -233,7 +237,7 @@ fn server_tls(cfg: &Config, t: &TlsConfig) -> Result<ServerTls, ConfigError> {
     })
 }
 
-fn client_tls(cfg: &Config, t: &UpstreamTls) -> Result<ClientTls, ConfigError> {
+fn client_tls(cfg: &Config, t: &UpstreamTls, h2: bool) -> Result<ClientTls, ConfigError> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(VERSIONS)
@@ -269,7 +273,8 @@ fn client_tls(cfg: &Config, t: &UpstreamTls) -> Result<ClientTls, ConfigError> {
         }
         builder.with_root_certificates(roots).with_no_client_auth()
     };
-    cc.alpn_protocols = UPSTREAM_ALPN.iter().map(|p| p.to_vec()).collect();
+    let alpn = if h2 { UPSTREAM_ALPN_H2 } else { UPSTREAM_ALPN };
+    cc.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     let server_name = match &t.server_name {
         // Validated as a host name or IP address when the file was read.
         Some(n) => match n.parse::<IpAddr>() {

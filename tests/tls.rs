@@ -282,8 +282,14 @@ fn sni_picks_the_certificate_over_tls_1_2_and_1_3() {
         assert!(err.contains(&format!("CN={name}")), "{name}: {err}");
         let want = if tls12 { "TLSv1.2" } else { "TLSv1.3" };
         assert!(err.contains(want), "{want} not in {err}");
-        assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+        // curl offers h2 and http/1.1; ferry prefers HTTP/2.
+        assert!(err.contains("ALPN: server accepted h2"), "{err}");
     }
+    // A client that offers only HTTP/1.1 gets it.
+    let (code, out, err) = curl_https(addr, "a.test", &p.ca_file, "/echo", &["-v", "--http1.1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("x-forwarded-proto: https"), "{out}");
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
     // A wildcard-free second name of the first certificate.
     let (code, _, err) = curl_https(addr, "www.a.test", &p.ca_file, "/", &[]);
     assert_eq!(code, 0, "{err}");
@@ -578,7 +584,7 @@ fn redirect_to_https_and_acme_challenges() {
     assert!(out.contains("hello from b1"), "{out}");
     let (code, out, err) = curl_https(tls, "a.test", &p.ca_file, "/shop", &["-i"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
     // curl follows the redirect to the TLS listener.
     let (code, out, err) = curl(&[
         "-L",
