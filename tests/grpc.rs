@@ -20,8 +20,22 @@ struct GrpcServer {
 
 impl GrpcServer {
     fn start() -> GrpcServer {
+        GrpcServer::spawn(&[])
+    }
+
+    /// A server speaking TLS with this certificate and key (PEM files).
+    fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> GrpcServer {
+        GrpcServer::spawn(&[
+            "--tls",
+            cert.to_str().expect("path"),
+            key.to_str().expect("path"),
+        ])
+    }
+
+    fn spawn(extra: &[&str]) -> GrpcServer {
         let mut child = Command::new("python3")
             .args([PEER, "server"])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -51,10 +65,15 @@ impl Drop for GrpcServer {
 
 /// Run the grpcio client against `addr`: its JSON report.
 fn grpc_client(addr: SocketAddr, repeat: u32) -> serde_json::Value {
+    grpc_client_with(addr, repeat, &[])
+}
+
+fn grpc_client_with(addr: SocketAddr, repeat: u32, extra: &[&str]) -> serde_json::Value {
     let out = Command::new("timeout")
         .args(["120", "python3", PEER, "client"])
         .arg(addr.to_string())
         .arg(repeat.to_string())
+        .args(extra)
         .output()
         .expect("python3");
     let text = String::from_utf8_lossy(&out.stdout);
@@ -72,11 +91,9 @@ fn h2c_upstream(name: &str, addr: SocketAddr, extra: &str) -> String {
     )
 }
 
-#[test]
-fn grpc_calls_pass_through_with_trailers_and_statuses() {
-    let g = GrpcServer::start();
-    let f = Ferry::start(&ferry_config("", "", &h2c_upstream("grpc", g.addr, "")));
-    let r = grpc_client(f.addr, 300);
+/// What every client run must have seen: the calls, their trailers and
+/// statuses, unchanged by ferry.
+fn check_calls(r: &serde_json::Value) {
     // Unary, with the backend's trailing metadata.
     assert_eq!(r["unary"], "echo:hello", "{r}");
     assert_eq!(r["unary_code"], 0, "{r}");
@@ -98,8 +115,16 @@ fn grpc_calls_pass_through_with_trailers_and_statuses() {
     );
     // Client streaming.
     assert_eq!(r["collect"], "a+b+c", "{r}");
-    // 300 concurrent unary calls: all answered, over one upstream connection.
+    // 300 concurrent unary calls: all answered.
     assert_eq!(r["repeat_ok"], 300, "{r}");
+}
+
+#[test]
+fn grpc_calls_pass_through_with_trailers_and_statuses() {
+    let g = GrpcServer::start();
+    let f = Ferry::start(&ferry_config("", "", &h2c_upstream("grpc", g.addr, "")));
+    check_calls(&grpc_client(f.addr, 300));
+    // Over one upstream connection.
     let connects = f.metric_sum("ferry_upstream_connects_total", &["upstream=\"grpc\""]);
     assert!(
         (1.0..=2.0).contains(&connects),
@@ -308,4 +333,75 @@ fn requests_waiting_for_a_timed_out_h2c_connect_fail_together() {
     assert!(took < std::time::Duration::from_secs(5), "took {took:?}");
     let connects = f.metric_sum("ferry_upstream_connects_total", &["upstream=\"h2\""]);
     assert_eq!(connects, 0.0);
+}
+
+/// gRPC over TLS on both sides: a grpcio client to ferry's TLS listener (ALPN
+/// h2), ferry to a TLS grpcio server with `scheme = "h2"`, verified against the
+/// test CA under the name `tls_server_name` gives.
+#[test]
+fn grpc_over_tls_to_an_h2_upstream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("ferry test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write ca");
+    let (bcert, bkey) = ca.leaf(&["grpc.internal"]).write(dir.path(), "backend");
+    let front = ca.leaf(&["api.test"]).write(dir.path(), "front");
+    let g = GrpcServer::start_tls(&bcert, &bkey);
+    let upstream = format!(
+        "[[upstream]]\nname = \"grpc\"\nscheme = \"h2\"\ntls_ca_file = \"{}\"\n\
+         tls_server_name = \"grpc.internal\"\n[[upstream.server]]\naddr = \"{}\"\n",
+        ca_file.display(),
+        g.addr
+    );
+    let cfg = format!(
+        "{}\n{}",
+        ferry_config("", "", &upstream),
+        tls_section(std::slice::from_ref(&front))
+    );
+    let f = Ferry::start(&cfg);
+    let addr = tls_addr(&f);
+    let ca_arg = ca_file.to_str().expect("path");
+    check_calls(&grpc_client_with(addr, 300, &["--tls", ca_arg, "api.test"]));
+    let connects = f.metric_sum("ferry_upstream_connects_total", &["upstream=\"grpc\""]);
+    assert!(
+        (1.0..=2.0).contains(&connects),
+        "{connects} upstream connections for 305 calls"
+    );
+    // A CA that did not sign the backend's certificate: the handshake fails,
+    // and the call gets UNAVAILABLE (502 from ferry), not a plain-text fallback.
+    let other = Ca::new("another CA");
+    let other_file = dir.path().join("other.pem");
+    std::fs::write(&other_file, other.pem()).expect("write ca");
+    let bad = format!(
+        "{}\n{}",
+        ferry_config(
+            "",
+            "",
+            &upstream.replace(
+                &ca_file.display().to_string(),
+                &other_file.display().to_string()
+            )
+        ),
+        tls_section(&[front])
+    );
+    let f2 = Ferry::start(&bad);
+    let (code, out, err) = curl(&[
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--http2",
+        "--cacert",
+        ca_arg,
+        "--resolve",
+        &format!("api.test:{}:127.0.0.1", tls_addr(&f2).port()),
+        &format!("https://api.test:{}/test.Echo/Unary", tls_addr(&f2).port()),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "502", "{err}");
+    assert!(
+        f2.metric_sum("ferry_upstream_fails_total", &["reason=\"connect\""]) >= 1.0,
+        "no connect failure counted"
+    );
 }

@@ -651,3 +651,75 @@ fn access_log_shows_the_h2_request_line_as_nginx_does() {
     let line = f.wait_log("/logged", DEADLINE).expect("access log line");
     assert!(line.contains("\"GET /logged?q=1 HTTP/2.0\" 200"), "{line}");
 }
+
+/// A `[tls]` listener with a certificate for `h2.test` from a fresh CA, over
+/// these backends, with `server_extra` in `[server]`; ferry, its TLS address
+/// and the CA file.
+fn tls_h2_ferry(
+    dir: &std::path::Path,
+    server_extra: &str,
+    b: &Backends,
+) -> (Ferry, SocketAddr, std::path::PathBuf) {
+    let ca = Ca::new("ferry test CA");
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).expect("write ca");
+    let files = ca.leaf(&["h2.test"]).write(dir, "h2");
+    let cfg = format!(
+        "{}\n{}",
+        ferry_config(
+            server_extra,
+            "",
+            &upstream("app", &b.list.iter().collect::<Vec<_>>())
+        ),
+        tls_section(&[files])
+    );
+    let f = Ferry::start(&cfg);
+    let addr = tls_addr(&f);
+    (f, addr, ca_file)
+}
+
+#[test]
+fn http2_over_tls_with_curl_and_h2load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Backends::start(2);
+    let (f, addr, ca) = tls_h2_ferry(dir.path(), "", &b);
+    // curl offers h2 and http/1.1 by ALPN and gets HTTP/2.
+    let (code, out, err) = curl_https(addr, "h2.test", &ca, "/echo", &["-v", "-i", "--http2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ALPN: server accepted h2"), "{err}");
+    assert!(out.starts_with("HTTP/2 200"), "{out}");
+    assert!(out.contains("x-forwarded-proto: https"), "{out}");
+    // h2load over TLS: 2,000 requests, 10 streams at a time on each of 4
+    // connections, all answered, on a few upstream connections.
+    let out = Command::new("h2load")
+        .args(["-n", "2000", "-c", "4", "-m", "10"])
+        .arg(format!("https://127.0.0.1:{}/", addr.port()))
+        .output()
+        .expect("h2load installed (nghttp2-client)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Application protocol: h2"), "{text}");
+    assert!(
+        text.contains("2000 total, 2000 started, 2000 done, 2000 succeeded, 0 failed, 0 errored"),
+        "{text}"
+    );
+    let conns: u64 = b.list.iter().map(|x| x.connections.load(Relaxed)).sum();
+    assert!(conns <= 4 * 10 + 2, "{conns} upstream connections");
+    // The TLS connections are all counted out again.
+    assert!(
+        wait_until(DEADLINE, || stub_active(&f.admin_get("/stub_status")) == 0),
+        "{}",
+        f.admin_get("/stub_status")
+    );
+}
+
+#[test]
+fn http2_off_keeps_tls_clients_on_http1() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = Backends::start(1);
+    let (_f, addr, ca) = tls_h2_ferry(dir.path(), "http2 = false", &b);
+    let (code, out, err) = curl_https(addr, "h2.test", &ca, "/", &["-v", "-i", "--http2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ALPN: server accepted http/1.1"), "{err}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}

@@ -17,6 +17,9 @@ pub use kit::*;
 mod load;
 #[allow(unused_imports)]
 pub use load::*;
+mod pki;
+#[allow(unused_imports)]
+pub use pki::*;
 
 /// Generous deadline for anything that waits on I/O.
 pub const DEADLINE: Duration = Duration::from_secs(20);

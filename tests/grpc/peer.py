@@ -1,8 +1,12 @@
 """A gRPC server or client for ferry's tests, with grpcio's generic handlers and
 raw-bytes messages (no protobuf, no generated code).
 
-    python3 peer.py server            # prints the bound port, serves until killed
-    python3 peer.py client HOST:PORT  # runs the calls, prints one JSON object
+    python3 peer.py server [--tls CERT KEY]       # prints the bound port, serves until killed
+    python3 peer.py client HOST:PORT [REPEAT] [--tls CA NAME]
+                                                  # runs the calls, prints one JSON object
+
+With --tls the server speaks TLS with that certificate and key (PEM files), and
+the client verifies against that CA file, expecting that name in the certificate.
 """
 
 import json
@@ -42,7 +46,7 @@ def client_stream(reqs, ctx):
     return b"+".join(reqs)
 
 
-def server():
+def server(tls=None):
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(
             unary, request_deserializer=ident, response_serializer=ident
@@ -64,15 +68,28 @@ def server():
     s.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.Echo", handlers),)
     )
-    port = s.add_insecure_port("127.0.0.1:0")
+    if tls:
+        cert, key = (open(f, "rb").read() for f in tls)
+        creds = grpc.ssl_server_credentials(((key, cert),))
+        port = s.add_secure_port("127.0.0.1:0", creds)
+    else:
+        port = s.add_insecure_port("127.0.0.1:0")
     s.start()
     print(port, flush=True)
     s.wait_for_termination()
 
 
-def client(target, repeat):
+def channel(target, tls):
+    if not tls:
+        return grpc.insecure_channel(target)
+    ca, name = tls
+    creds = grpc.ssl_channel_credentials(root_certificates=open(ca, "rb").read())
+    return grpc.secure_channel(target, creds, options=(("grpc.ssl_target_name_override", name),))
+
+
+def client(target, repeat, tls=None):
     out = {}
-    with grpc.insecure_channel(target) as ch:
+    with channel(target, tls) as ch:
         call = lambda kind, name: getattr(ch, kind)(
             "/test.Echo/" + name, request_serializer=ident, response_deserializer=ident
         )
@@ -114,7 +131,13 @@ def client(target, repeat):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "server":
-        server()
+    args = sys.argv[1:]
+    tls = None
+    if "--tls" in args:
+        i = args.index("--tls")
+        tls = (args[i + 1], args[i + 2])
+        del args[i : i + 3]
+    if args[0] == "server":
+        server(tls)
     else:
-        client(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0)
+        client(args[1], int(args[2]) if len(args) > 2 else 0, tls)
