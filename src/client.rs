@@ -227,26 +227,11 @@ async fn connect_h2(
     tls: Option<&UpstreamTls>,
 ) -> Result<http2::SendRequest<ReqBody>, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(peer.addr)).await {
-        Err(_) => return Err(ConnectError::Timeout),
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    peer.stats.connects.fetch_add(1, Relaxed);
+    let stream = dial(peer, deadline).await?;
     match tls {
         None => h2_handshake(stream, deadline).await,
         Some(tls) => {
-            // Settings are loaded with the file; never fall back to plain text.
-            let tls: &ClientTls = tls.loaded.as_ref().ok_or_else(|| {
-                ConnectError::Tls(io::Error::other("TLS client settings not loaded"))
-            })?;
-            let hello = tls.connect(&peer.params.name, stream);
-            let s = match tokio::time::timeout_at(deadline, hello).await {
-                Err(_) => return Err(ConnectError::Timeout),
-                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
-                Ok(Ok(s)) => s,
-            };
+            let s = tls_hello(tls, peer, stream, deadline).await?;
             if s.get_ref().1.alpn_protocol() != Some(b"h2") {
                 return Err(ConnectError::Tls(io::Error::other(
                     "the server did not agree to HTTP/2 (ALPN h2)",
@@ -254,6 +239,38 @@ async fn connect_h2(
             }
             h2_handshake(s, deadline).await
         }
+    }
+}
+
+/// A TCP connection to `peer`, made by `deadline` (counted in its connects).
+async fn dial(peer: &Peer, deadline: Instant) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(peer.addr)).await {
+        Err(_) => return Err(ConnectError::Timeout),
+        Ok(Err(e)) => return Err(ConnectError::Io(e)),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    peer.stats.connects.fetch_add(1, Relaxed);
+    Ok(stream)
+}
+
+/// The TLS client handshake on `stream`, by `deadline`.
+async fn tls_hello(
+    tls: &UpstreamTls,
+    peer: &Peer,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, ConnectError> {
+    // Settings are loaded with the file; never fall back to plain text.
+    let tls: &ClientTls = tls
+        .loaded
+        .as_ref()
+        .ok_or_else(|| ConnectError::Tls(io::Error::other("TLS client settings not loaded")))?;
+    let hello = tls.connect(&peer.params.name, stream);
+    match tokio::time::timeout_at(deadline, hello).await {
+        Err(_) => Err(ConnectError::Timeout),
+        Ok(Err(e)) => Err(ConnectError::Tls(e)),
+        Ok(Ok(s)) => Ok(s),
     }
 }
 
@@ -336,27 +353,10 @@ pub async fn connect(
     tls: Option<&UpstreamTls>,
 ) -> Result<Conn, ConnectError> {
     let deadline = Instant::now() + timeout;
-    let stream = match tokio::time::timeout_at(deadline, TcpStream::connect(peer.addr)).await {
-        Err(_) => return Err(ConnectError::Timeout),
-        Ok(Err(e)) => return Err(ConnectError::Io(e)),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    peer.stats.connects.fetch_add(1, Relaxed);
+    let stream = dial(peer, deadline).await?;
     let tx = match tls {
         None => handshake(stream).await?,
-        Some(tls) => {
-            // Settings are loaded with the file; never fall back to plain text.
-            let tls: &ClientTls = tls.loaded.as_ref().ok_or_else(|| {
-                ConnectError::Tls(io::Error::other("TLS client settings not loaded"))
-            })?;
-            let hello = tls.connect(&peer.params.name, stream);
-            match tokio::time::timeout_at(deadline, hello).await {
-                Err(_) => return Err(ConnectError::Timeout),
-                Ok(Err(e)) => return Err(ConnectError::Tls(e)),
-                Ok(Ok(s)) => handshake(s).await?,
-            }
-        }
+        Some(tls) => handshake(tls_hello(tls, peer, stream, deadline).await?).await?,
     };
     Ok(Conn {
         tx,

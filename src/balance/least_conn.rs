@@ -1,7 +1,6 @@
 //! nginx's `least_conn`: fewest in-flight requests per weight, ties by smooth WRR.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use super::{CalmView, RequestKey, SmoothWrr, Strategy, available, candidates, commit};
 use crate::peer::{Peer, Tried};
@@ -20,38 +19,6 @@ impl LeastConn {
             wrr: SmoothWrr::new(peers),
             calm: CalmView::new(),
         }
-    }
-
-    /// The pick when every peer is calm, nothing was tried and there are at most
-    /// 64 peers: one pass finds the lowest load and, among the peers tying with it,
-    /// the smooth-WRR winner; the tied set is a bitmask, settled afterwards. Same
-    /// answer and same WRR state as the full rules.
-    #[inline]
-    fn pick_calm(&self, peers: &[Arc<Peer>]) -> Option<usize> {
-        let wrr = &self.wrr;
-        let mut all = peers.iter().zip(wrr.weights.iter()).zip(wrr.current.iter());
-        let ((p0, &w0), c0) = all.next()?;
-        let (mut best_conns, mut best_w) = (u64::from(p0.in_flight()), w0 as u64);
-        let (mut set, mut total, mut winner, mut winner_c) = (1u64, w0, 0, c0.load(Relaxed) + w0);
-        for (i, ((p, &w), cur)) in all.enumerate() {
-            let i = i + 1;
-            let conns = u64::from(p.in_flight());
-            let (a, b) = (conns * best_w, best_conns * w as u64);
-            if a > b {
-                continue;
-            }
-            let c = cur.load(Relaxed) + w;
-            if a < b {
-                (best_conns, best_w) = (conns, w as u64);
-                (set, total, winner, winner_c) = (0, 0, i, c);
-            } else if c > winner_c {
-                (winner, winner_c) = (i, c);
-            }
-            set |= 1 << i;
-            total += w;
-        }
-        wrr.settle(set, winner, total);
-        Some(winner)
     }
 }
 
@@ -72,7 +39,8 @@ impl Strategy for LeastConn {
         now: u64,
     ) -> Option<usize> {
         if peers.len() <= 64 && self.calm.all_calm(peers, tried) {
-            let i = self.pick_calm(peers)?;
+            let load = |i: usize| peers.get(i).map_or(u64::MAX, |p| u64::from(p.in_flight()));
+            let i = self.wrr.pick_least(peers.len(), load)?;
             return commit(peers, i, now);
         }
         let mut best: Option<usize> = None;

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use std::sync::atomic::Ordering::Relaxed;
-
 use super::{CalmView, RequestKey, SmoothWrr, Strategy, candidates, commit};
 use crate::peer::{Peer, Tried};
 
@@ -59,10 +57,6 @@ impl LeastTime {
         if n == 0 {
             return None;
         }
-        let wrr = &self.wrr;
-        let (Some(ws), Some(cs)) = (wrr.weights.get(..n), wrr.current.get(..n)) else {
-            return None;
-        };
         let mut time = [0u64; 64];
         let mut load = [0u64; 64];
         let mut fastest = f64::INFINITY;
@@ -76,32 +70,7 @@ impl LeastTime {
             load[i] = PARALLEL + u64::from(in_flight);
         }
         let floor = bucket(lift(fastest));
-        let score = |i: usize| time[i].max(floor) * load[i];
-        let (mut best_s, mut best_w) = (score(0), ws[0] as u64);
-        let (mut set, mut total, mut winner) = (1u64, ws[0], 0);
-        let mut winner_c = cs[0].load(Relaxed) + ws[0];
-        for i in 1..n {
-            let w = ws[i];
-            let s = score(i);
-            let (a, b) = (
-                u128::from(s) * u128::from(best_w),
-                u128::from(best_s) * u128::from(w as u64),
-            );
-            if a > b {
-                continue;
-            }
-            let c = cs[i].load(Relaxed) + w;
-            if a < b {
-                (best_s, best_w) = (s, w as u64);
-                (set, total, winner, winner_c) = (0, 0, i, c);
-            } else if c > winner_c {
-                (winner, winner_c) = (i, c);
-            }
-            set |= 1 << i;
-            total += w;
-        }
-        wrr.settle(set, winner, total);
-        Some(winner)
+        self.wrr.pick_least(n, |i| time[i].max(floor) * load[i])
     }
 }
 

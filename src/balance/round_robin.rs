@@ -52,6 +52,41 @@ impl SmoothWrr {
         Some(best)
     }
 
+    /// Among the first `n` peers (all calm, nothing tried, `n` at most 64): the
+    /// one with the lowest `load(i) / weight(i)` (cross-multiplied, as nginx
+    /// compares), ties by smooth WRR among the peers that tie; one pass, with the
+    /// tied set as a bitmask, settled afterwards, so the WRR state ends as the
+    /// full rules leave it. The calm shortcut of `least_conn` and `least_time`.
+    #[inline]
+    pub(crate) fn pick_least(&self, n: usize, load: impl Fn(usize) -> u64) -> Option<usize> {
+        let (Some(ws), Some(cs)) = (self.weights.get(..n), self.current.get(..n)) else {
+            return None;
+        };
+        let (&w0, c0) = (ws.first()?, cs.first()?);
+        let (mut best_l, mut best_w) = (load(0), w0 as u64);
+        let (mut set, mut total, mut winner, mut winner_c) = (1u64, w0, 0, c0.load(Relaxed) + w0);
+        for i in 1..n.min(64) {
+            let w = ws[i];
+            let l = load(i);
+            let a = u128::from(l) * u128::from(best_w);
+            let b = u128::from(best_l) * u128::from(w as u64);
+            if a > b {
+                continue;
+            }
+            let c = cs[i].load(Relaxed) + w;
+            if a < b {
+                (best_l, best_w) = (l, w as u64);
+                (set, total, winner, winner_c) = (0, 0, i, c);
+            } else if c > winner_c {
+                (winner, winner_c) = (i, c);
+            }
+            set |= 1 << i;
+            total += w;
+        }
+        self.settle(set, winner, total);
+        Some(winner)
+    }
+
     /// Add each weight to its current weight for the peers in `set` (bit `i` =
     /// peer `i`, fewer than 65 peers), then take `total` from `winner`'s: the
     /// bookkeeping of a smooth-WRR pick among `set`, whose winner the caller found.
