@@ -779,7 +779,9 @@ async fn accept_loop(
         tokio::spawn(async move {
             match kind {
                 Kind::Plain => serve_connection(w, stream, remote, shared, stop).await,
-                Kind::Tls => serve_tls(w, stream, remote, shared, stop).await,
+                // Boxed, as HTTP/2 below: inline, the larger state of the rarer
+                // kinds of connection would be held by every plain HTTP/1.1 one.
+                Kind::Tls => Box::pin(serve_tls(w, stream, remote, shared, stop)).await,
             }
             drop(permit);
             if tracker.open.fetch_sub(1, Relaxed) == 1 {
@@ -886,7 +888,7 @@ async fn serve_connection(
     let mut client = Client::new(w, remote, shared, stop, "http");
     if http2 {
         match sniff_preface(&stream, header_timeout, &mut client.stop).await {
-            Some(true) => return serve_h2(stream, client).await,
+            Some(true) => return Box::pin(serve_h2(stream, client)).await,
             Some(false) => {}
             None => return,
         }
