@@ -450,7 +450,9 @@ pub async fn handle(
     let server = &rt.config.server;
     let local = if ctx.scheme == "http" && (server.redirect_https || server.acme_webroot.is_some())
     {
-        plain_listener_answer(&req, server).await
+        // Boxed: inline, this rare path's state (a file read) would make every
+        // request's future larger.
+        Box::pin(plain_listener_answer(&req, server)).await
     } else {
         None
     };
