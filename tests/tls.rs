@@ -626,3 +626,33 @@ fn https_upstream_verification_failure_is_a_connect_error() {
     let f = Ferry::start(&cfg);
     assert_eq!(http_get(f.addr, "/", &[]).0, 200);
 }
+
+/// `scheme = "h2"` to a TLS server that speaks only HTTP/1.1 (no ALPN `h2`): a
+/// connect error (502, counted against the peer), never HTTP/1.1 instead.
+#[test]
+fn h2_upstream_refuses_a_server_without_alpn_h2() {
+    let backends = Backends::start(0);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki(dir.path());
+    let h1_only = tls_backend(&backends, &p.ca, &["127.0.0.1"], "h1only");
+    let cfg = ferry_config(
+        "",
+        "",
+        &format!(
+            "[[upstream]]\nname = \"app\"\nscheme = \"h2\"\ntls_ca_file = \"{}\"\n\
+             [[upstream.server]]\naddr = \"{}\"\n",
+            p.ca_file.display(),
+            h1_only.addr
+        ),
+    );
+    let f = Ferry::start(&cfg);
+    let (status, _) = http_get(f.addr, "/", &[]);
+    assert_eq!(status, 502);
+    assert_eq!(h1_only.served.load(Relaxed), 0);
+    let fails = f.metric_sum("ferry_upstream_fails_total", &["reason=\"connect\""]);
+    assert!(fails >= 1.0, "{fails}");
+    let line = f
+        .wait_log("did not agree to HTTP/2", DEADLINE)
+        .expect("the reason is logged");
+    assert!(line.contains(&h1_only.addr.to_string()), "{line}");
+}
