@@ -893,7 +893,7 @@ async fn forward(
             }
             None if attempts == 0 => {
                 if up.peers().any(|p| held_out_by_max_conns_only(p)) {
-                    match wait_in_queue(up, ctx.worker, &key, &mut tried).await {
+                    match Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried)).await {
                         Ok(p) => Some(p),
                         Err(why) => {
                             up.stats.local_503.fetch_add(1, Relaxed);
@@ -1187,7 +1187,9 @@ async fn attempt(
     loop {
         let mut conn: Conn = match pooled.take() {
             Some(c) => c,
-            None => client::connect(peer, cfg.connect_timeout, cfg.tls.as_ref())
+            // Boxed: a new connection (TCP, maybe TLS) is the rare case, and its
+            // state inline would be moved with every request's future.
+            None => Box::pin(client::connect(peer, cfg.connect_timeout, cfg.tls.as_ref()))
                 .await
                 .map_err(AttemptError::Connect)?,
         };
