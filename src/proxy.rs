@@ -884,6 +884,13 @@ async fn forward(
     loop {
         let picked = match pick(up, ctx.worker, &key, &mut tried) {
             Some(p) => Some(p),
+            None if attempts == 0 && superseded(ctx, up) => {
+                // A reload (or new DNS answers) replaced this request's
+                // configuration between its arrival and this pick, and drained
+                // the peers it knows: they are alive and finish what arrived
+                // before the change, and so does this request.
+                drained_for_stale(up, &mut tried)
+            }
             None if !panicked && rescue_passively_failed(up, &tried) => {
                 // Every untried peer is out on passive evidence alone: try them
                 // anyway rather than fail (Envoy's panic mode). Active checks and
@@ -1108,6 +1115,41 @@ fn rescue_passively_failed(up: &Upstream, tried: &(Tried, Tried)) -> bool {
         }
     }
     any
+}
+
+/// Whether the running configuration no longer has `up` (a reload or new DNS
+/// answers replaced it since the request took its snapshot).
+fn superseded(ctx: &Ctx, up: &Arc<Upstream>) -> bool {
+    !ctx.shared
+        .runtime
+        .load()
+        .upstreams
+        .iter()
+        .any(|u| Arc::ptr_eq(u, up))
+}
+
+/// An untried peer of `up` that only draining keeps out: the first, primaries
+/// before backups.
+fn drained_for_stale(up: &Upstream, tried: &mut (Tried, Tried)) -> Option<(Arc<Peer>, usize)> {
+    let now = now_ms();
+    let (pos, peer) = up.peers().enumerate().find(|(i, p)| {
+        let t = if *i < up.primary.len() {
+            tried.0.contains(*i)
+        } else {
+            tried.1.contains(*i - up.primary.len())
+        };
+        !t && p.is_draining()
+            && !p.is_down()
+            && p.is_healthy()
+            && !p.is_failed(now)
+            && (p.params.max_conns == 0 || p.in_flight() < p.params.max_conns)
+    })?;
+    if pos < up.primary.len() {
+        tried.0.insert(pos);
+    } else {
+        tried.1.insert(pos - up.primary.len());
+    }
+    Some((Arc::clone(peer), pos))
 }
 
 /// A peer that only passive failure accounting keeps out of rotation.

@@ -11,6 +11,21 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// curl with HTTP/2 prior knowledge, the body discarded: (exit code, what
+/// `-w write_out` printed, stderr).
+fn h2c_curl_out(url: &str, write_out: &str, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        write_out,
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    curl(&args)
+}
+
 fn h2_ferry(server_extra: &str, b: &Backends) -> Ferry {
     Ferry::start(&ferry_config(
         server_extra,
@@ -217,14 +232,11 @@ fn request_body_and_big_response_through_h2() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("body=300000"), "{out}");
-    let (code, out, err) = curl(&[
-        "--http2-prior-knowledge",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_version} %{size_download}",
+    let (code, out, err) = h2c_curl_out(
         &f.url("/bytes/5000000"),
-    ]);
+        "%{http_version} %{size_download}",
+        &[],
+    );
     assert_eq!(code, 0, "{err}");
     assert_eq!(out, "2 5000000");
 }
@@ -248,14 +260,7 @@ fn parallel_streams_share_one_connection() {
     assert_eq!(stub_accepts(&stub), 1, "one connection: {stub}");
     assert_eq!(stub_line(&stub, 2)[2], 20, "20 requests: {stub}");
     // curl with prior knowledge, one stream.
-    let (code, out, err) = curl(&[
-        "--http2-prior-knowledge",
-        "-w",
-        "%{http_version} %{response_code}",
-        "-o",
-        "/dev/null",
-        &f.url("/"),
-    ]);
+    let (code, out, err) = h2c_curl_out(&f.url("/"), "%{http_version} %{response_code}", &[]);
     assert_eq!((code, out.as_str()), (0, "2 200"), "{err}");
 }
 
@@ -320,30 +325,12 @@ fn header_list_over_the_limit_is_rejected() {
     let b = Backends::start(1);
     let f = h2_ferry("http2_max_header_size = \"16KiB\"", &b);
     let big = format!("X-Big: {}", "a".repeat(20_000));
-    let (code, out, _) = curl(&[
-        "--http2-prior-knowledge",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{response_code}",
-        "-H",
-        &big,
-        &f.url("/"),
-    ]);
+    let (code, out, _) = h2c_curl_out(&f.url("/"), "%{response_code}", &["-H", &big]);
     // 431, as for an HTTP/1.1 head over its limit; the backend never sees it.
     assert_eq!((code, out.as_str()), (0, "431"));
     assert_eq!(b.list[0].served.load(Relaxed), 0);
     let small = format!("X-Big: {}", "a".repeat(10_000));
-    let (code, out, err) = curl(&[
-        "--http2-prior-knowledge",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{response_code}",
-        "-H",
-        &small,
-        &f.url("/"),
-    ]);
+    let (code, out, err) = h2c_curl_out(&f.url("/"), "%{response_code}", &["-H", &small]);
     assert_eq!((code, out.as_str()), (0, "200"), "{err}");
 }
 
@@ -384,14 +371,7 @@ fn rapid_reset_flood_closes_the_connection() {
         "{served} requests reached the backend out of {sent} streams"
     );
     // Other clients are served as before.
-    let (code, out, err) = curl(&[
-        "--http2-prior-knowledge",
-        "-w",
-        "%{http_version}",
-        "-o",
-        "/dev/null",
-        &f.url("/"),
-    ]);
+    let (code, out, err) = h2c_curl_out(&f.url("/"), "%{http_version}", &[]);
     assert_eq!((code, out.as_str()), (0, "2"), "{err}");
     let (st, _) = http_get(f.addr, "/", &[]);
     assert_eq!(st, 200);
@@ -454,14 +434,7 @@ fn paced_reset_flood_of_accepted_streams_closes_the_connection() {
             .is_some()
     );
     // A well-behaved client on another connection is served.
-    let (code, out, err) = curl(&[
-        "--http2-prior-knowledge",
-        "-w",
-        "%{http_version}",
-        "-o",
-        "/dev/null",
-        &f.url("/"),
-    ]);
+    let (code, out, err) = h2c_curl_out(&f.url("/"), "%{http_version}", &[]);
     assert_eq!((code, out.as_str()), (0, "2"), "{err}");
 }
 
