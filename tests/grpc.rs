@@ -85,6 +85,16 @@ fn grpc_client_with(addr: SocketAddr, repeat: u32, extra: &[&str]) -> serde_json
     serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// A ferry over `b`: a server that speaks h2c (prior knowledge) to the ferry
+/// under test.
+fn h2c_server(b: &Backends) -> Ferry {
+    Ferry::start(&ferry_config(
+        "",
+        "",
+        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
+    ))
+}
+
 fn h2c_upstream(name: &str, addr: SocketAddr, extra: &str) -> String {
     format!(
         "[[upstream]]\nname = \"{name}\"\nscheme = \"h2c\"\n{extra}\n[[upstream.server]]\naddr = \"{addr}\"\n\n"
@@ -161,11 +171,7 @@ fn grpc_calls_pass_over_a_refused_peer() {
 #[test]
 fn h1_and_h2_clients_reach_an_h2c_upstream_over_few_connections() {
     let b = Backends::start(1);
-    let back = Ferry::start(&ferry_config(
-        "",
-        "",
-        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
-    ));
+    let back = h2c_server(&b);
     let front = Ferry::start(&ferry_config("", "", &h2c_upstream("h2", back.addr, "")));
     // HTTP/1.1 client.
     let (st, body) = http_get(front.addr, "/echo", &[("X-Probe", "1")]);
@@ -208,11 +214,7 @@ fn h1_and_h2_clients_reach_an_h2c_upstream_over_few_connections() {
 #[test]
 fn h2c_upstream_read_timeout_gives_504_and_counts_against_the_peer() {
     let b = Backends::start(1);
-    let back = Ferry::start(&ferry_config(
-        "",
-        "",
-        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
-    ));
+    let back = h2c_server(&b);
     let front = Ferry::start(&ferry_config(
         "",
         "",
@@ -235,11 +237,7 @@ fn h2c_upstream_read_timeout_gives_504_and_counts_against_the_peer() {
 #[test]
 fn active_health_checks_speak_h2c_to_an_h2c_upstream() {
     let b = Backends::start(1);
-    let back = Ferry::start(&ferry_config(
-        "",
-        "",
-        &upstream("app", &b.list.iter().collect::<Vec<_>>()),
-    ));
+    let back = h2c_server(&b);
     let front = Ferry::start(&ferry_config(
         "",
         "",

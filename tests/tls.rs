@@ -20,6 +20,19 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
+/// ferry over `backends` with a `[tls]` listener for these (cert, key) pairs:
+/// the process, its TLS address and the config text.
+fn tls_ferry(backends: &Backends, certs: &[(PathBuf, PathBuf)]) -> (Ferry, SocketAddr, String) {
+    let cfg = format!(
+        "{}\n{}",
+        config("", &backends.servers("")),
+        tls_section(certs)
+    );
+    let f = Ferry::start(&cfg);
+    let addr = tls_addr(&f);
+    (f, addr, cfg)
+}
+
 /// `openssl s_client` to `addr` with this SNI name (none: `-noservername`);
 /// its output (the certificate's subject among it).
 fn s_client(addr: SocketAddr, sni: Option<&str>) -> String {
@@ -138,13 +151,7 @@ fn sni_picks_the_certificate_over_tls_1_2_and_1_3() {
     let backends = Backends::start(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pki(dir.path());
-    let cfg = format!(
-        "{}\n{}",
-        config("", &backends.servers("")),
-        tls_section(&[p.a_files.clone(), p.b_files.clone()])
-    );
-    let f = Ferry::start(&cfg);
-    let addr = tls_addr(&f);
+    let (f, addr, _) = tls_ferry(&backends, &[p.a_files.clone(), p.b_files.clone()]);
 
     // TLS 1.3 and 1.2, each name gets its own certificate; X-Forwarded-Proto is https.
     for (name, version) in [
@@ -193,13 +200,7 @@ fn a_failed_handshake_disturbs_nothing_and_is_counted() {
     let backends = Backends::start(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pki(dir.path());
-    let cfg = format!(
-        "{}\n{}",
-        config("", &backends.servers("")),
-        tls_section(std::slice::from_ref(&p.a_files))
-    );
-    let f = Ferry::start(&cfg);
-    let addr = tls_addr(&f);
+    let (f, addr, cfg) = tls_ferry(&backends, std::slice::from_ref(&p.a_files));
     let mut open = TlsConn::open(addr, "a.test", &p.ca.pem());
     assert_eq!(open.get("/").0, 200);
     // Plain HTTP spoken to the TLS port, then garbage: both fail their handshake.
@@ -240,13 +241,7 @@ fn reload_serves_new_certificates_and_keeps_open_connections() {
     let backends = Backends::start(1);
     let dir = tempfile::tempdir().expect("tempdir");
     let p = pki(dir.path());
-    let cfg = format!(
-        "{}\n{}",
-        config("", &backends.servers("")),
-        tls_section(std::slice::from_ref(&p.a_files))
-    );
-    let f = Ferry::start(&cfg);
-    let addr = tls_addr(&f);
+    let (f, addr, _) = tls_ferry(&backends, std::slice::from_ref(&p.a_files));
     let mut before = TlsConn::open(addr, "a.test", &p.ca.pem());
     assert_eq!(before.cert, p.a.der);
     assert_eq!(before.get("/").0, 200);
