@@ -36,6 +36,33 @@ pub fn is_body_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A client's request body, as a server loop hands the request over.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// No body: ferry's own HTTP/1.1 loop serves only such requests itself.
+    Empty,
+    /// A body read by hyper's HTTP/1.1 or HTTP/2 server.
+    Incoming(Incoming),
+}
+
+impl ClientBody {
+    /// Whether no body bytes will come.
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::Incoming(b) => b.is_end_stream(),
+        }
+    }
+
+    /// The body to stream, when there is one.
+    pub fn into_incoming(self) -> Option<Incoming> {
+        match self {
+            ClientBody::Incoming(b) if !b.is_end_stream() => Some(b),
+            _ => None,
+        }
+    }
+}
+
 /// A request body sent upstream.
 #[derive(Debug)]
 pub enum ReqBody {

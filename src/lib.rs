@@ -12,6 +12,7 @@ pub mod conn;
 pub mod demo;
 pub mod discovery;
 pub mod ewma;
+pub mod h1;
 pub mod health;
 pub mod metrics;
 pub mod peer;

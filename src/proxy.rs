@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::accesslog::{AccessLog, End, RequestPart, Trail};
 use crate::balance::RequestKey;
-use crate::body::{BoxError, ReadError, ReqBody, is_body_too_large};
+use crate::body::{BoxError, ClientBody, ReadError, ReqBody, is_body_too_large};
 use crate::client::{self, Conn, ConnectError};
 use crate::config::UpstreamScheme;
 use crate::conn::ConnState;
@@ -150,7 +150,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap) -> Stripped {
 }
 
 /// The Host a request is for, as routes name it: without port or trailing dot.
-fn request_host(req: &Request<Incoming>) -> &str {
+fn request_host(req: &Request<ClientBody>) -> &str {
     let raw = req
         .uri()
         .host()
@@ -423,7 +423,7 @@ fn is_idempotent(m: &Method) -> bool {
 /// Serve one client request.
 pub async fn handle(
     ctx: Arc<Ctx>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<RespBody>, Infallible> {
     ctx.state.request_started();
     let metrics = ctx.shared.metrics;
@@ -452,7 +452,8 @@ pub async fn handle(
     {
         // Boxed: inline, this rare path's state (a file read) would make every
         // request's future larger.
-        Box::pin(plain_listener_answer(&req, server)).await
+        let answer = Box::pin(plain_listener_answer(&req, server));
+        answer.await
     } else {
         None
     };
@@ -513,7 +514,7 @@ const ACME_MAX_FILE: u64 = 64 * 1024;
 /// host and URI over https (nginx's `return 301 https://$host$request_uri;`).
 /// The access log note says which.
 async fn plain_listener_answer(
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     server: &crate::config::ServerConfig,
 ) -> Option<(Response<Kind>, &'static str)> {
     if let Some(webroot) = &server.acme_webroot
@@ -614,7 +615,7 @@ async fn acme_challenge(
 
 /// Reject what must not be forwarded; otherwise the upstream index.
 fn check_request(
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     rt: &Runtime,
 ) -> Result<usize, (StatusCode, &'static str, &'static str)> {
     let h = req.headers();
@@ -650,7 +651,7 @@ fn check_request(
 /// headers removed, X-Forwarded-* set. Returns it and whether it is an upgrade.
 fn upstream_request(
     ctx: &Ctx,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     limit: u64,
     started: &Arc<AtomicU64>,
     scheme: UpstreamScheme,
@@ -709,10 +710,9 @@ fn upstream_request(
     if scheme.is_h2() {
         into_h2(&mut parts, scheme.is_tls());
     }
-    let body = if body.is_end_stream() {
-        ReqBody::Empty
-    } else {
-        ReqBody::stream(body, limit, Arc::clone(started))
+    let body = match body.into_incoming() {
+        None => ReqBody::Empty,
+        Some(b) => ReqBody::stream(b, limit, Arc::clone(started)),
     };
     (Request::from_parts(parts, body), upgrade)
 }
@@ -808,7 +808,7 @@ fn pick(
 async fn forward(
     ctx: &Arc<Ctx>,
     up: &Arc<Upstream>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     body_limit: u64,
     done: &mut Done,
 ) -> Response<Kind> {
@@ -900,7 +900,8 @@ async fn forward(
             }
             None if attempts == 0 => {
                 if up.peers().any(|p| held_out_by_max_conns_only(p)) {
-                    match Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried)).await {
+                    let queued = Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried));
+                    match queued.await {
                         Ok(p) => Some(p),
                         Err(why) => {
                             up.stats.local_503.fetch_add(1, Relaxed);
@@ -1220,9 +1221,8 @@ async fn attempt(
     if cfg.scheme.is_h2() {
         // Boxed: inline, its state would grow this future, which HTTP/1.1
         // requests move around too.
-        return Box::pin(attempt_h2(peer, cfg, req, started))
-            .await
-            .map(|r| (r, None));
+        let h2 = Box::pin(attempt_h2(peer, cfg, req, started));
+        return h2.await.map(|r| (r, None));
     }
     let mut pooled = client::checkout(peer);
     let mut resent = false;
@@ -1231,9 +1231,11 @@ async fn attempt(
             Some(c) => c,
             // Boxed: a new connection (TCP, maybe TLS) is the rare case, and its
             // state inline would be moved with every request's future.
-            None => Box::pin(client::connect(peer, cfg.connect_timeout, cfg.tls.as_ref()))
-                .await
-                .map_err(AttemptError::Connect)?,
+            None => {
+                let connecting =
+                    Box::pin(client::connect(peer, cfg.connect_timeout, cfg.tls.as_ref()));
+                connecting.await.map_err(AttemptError::Connect)?
+            }
         };
         if conn.tx.ready().await.is_err() {
             if conn.fresh {

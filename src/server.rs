@@ -32,16 +32,19 @@ use tokio::time::Instant;
 
 use crate::accesslog::AccessLog;
 use crate::admin::{AdminHandle, ReloadReply};
+use crate::body::ClientBody;
 use crate::config::Config;
-use crate::conn::{ClientIo, ConnState, READING, WAITING};
+use crate::conn::{ConnState, READING, WAITING};
 use crate::discovery::{self, Dns, Target};
 use crate::metrics::Metrics;
 use crate::peer::now_ms;
 use crate::proxy::{Ctx, Shared, handle};
 use crate::runtime::Runtime;
+use http::Request;
+use hyper::body::Incoming;
 
 /// Largest request head accepted; larger gets 431.
-const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// A startup failure.
 #[derive(Debug)]
@@ -771,6 +774,11 @@ async fn accept_loop(
             }
         };
         counters.accepted.fetch_add(1, Relaxed);
+        // One accept per turn, as nginx without `multi_accept`: the connections
+        // accepted so far read their requests first, so a burst of new clients
+        // finds pooled upstream connections free again instead of opening a
+        // new one each (and holding their memory) all at once.
+        tokio::task::yield_now().await;
         counters.handled.fetch_add(1, Relaxed);
         tracker.open.fetch_add(1, Relaxed);
         let shared = Arc::clone(&shared);
@@ -781,7 +789,10 @@ async fn accept_loop(
                 Kind::Plain => serve_connection(w, stream, remote, shared, stop).await,
                 // Boxed, as HTTP/2 below: inline, the larger state of the rarer
                 // kinds of connection would be held by every plain HTTP/1.1 one.
-                Kind::Tls => Box::pin(serve_tls(w, stream, remote, shared, stop)).await,
+                Kind::Tls => {
+                    let tls = Box::pin(serve_tls(w, stream, remote, shared, stop));
+                    tls.await
+                }
             }
             drop(permit);
             if tracker.open.fetch_sub(1, Relaxed) == 1 {
@@ -854,7 +865,7 @@ impl Client {
             .as_millis() as u64
     }
 
-    fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
+    pub(crate) fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
         Arc::new(Ctx {
             shared: Arc::clone(&self.shared),
             worker: self.worker,
@@ -887,8 +898,14 @@ async fn serve_connection(
     };
     let mut client = Client::new(w, remote, shared, stop, "http");
     if http2 {
-        match sniff_preface(&stream, header_timeout, &mut client.stop).await {
-            Some(true) => return Box::pin(serve_h2(stream, client)).await,
+        // Boxed, and only while it runs: inline, its timers would stay in every
+        // connection's state for the connection's whole life.
+        let sniff = Box::pin(sniff_preface(&stream, header_timeout, &mut client.stop));
+        match sniff.await {
+            Some(true) => {
+                let h2 = Box::pin(serve_h2(stream, client));
+                return h2.await;
+            }
             Some(false) => {}
             None => return,
         }
@@ -988,21 +1005,33 @@ async fn sniff_preface(
     }
 }
 
-/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection.
+/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection:
+/// ferry's own loop ([`crate::h1`]) while requests are simple, hyper's after.
 pub async fn serve_h1<I>(io: I, client: Client)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    crate::h1::serve(io, client).await
+}
+
+/// Serve HTTP/1.1 with hyper on `io` (already wrapped in [`crate::conn::ClientIo`]) until the
+/// client or a timeout ends the connection: requests with bodies, upgrades,
+/// HTTP/1.0 clients, and the errors hyper answers.
+pub(crate) async fn serve_h1_hyper<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let ctx = client.ctx(false);
-    let io = TokioIo::new(ClientIo::new(io, Arc::clone(&client.state)));
-    let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
+    let svc = service_fn(move |req: Request<Incoming>| {
+        handle(Arc::clone(&ctx), req.map(ClientBody::Incoming))
+    });
     let conn = http1::Builder::new()
         .keep_alive(client.keepalive_ms() > 0)
         .max_buf_size(MAX_HEAD + 1024)
         // max_buf_size alone is loose (a read may fill the buffer's whole spare
         // capacity, so a head up to twice as large can parse); this is exact.
         .max_header_size(MAX_HEAD)
-        .serve_connection(io, svc)
+        .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
     drive(conn, |c| c.graceful_shutdown(), client, false).await;
 }
@@ -1020,7 +1049,9 @@ where
         let s = &rt.config.server;
         (s.http2_max_concurrent_streams, s.http2_max_header_size)
     };
-    let svc = service_fn(move |req| handle(Arc::clone(&ctx), req));
+    let svc = service_fn(move |req: Request<Incoming>| {
+        handle(Arc::clone(&ctx), req.map(ClientBody::Incoming))
+    });
     // Tokio's spawn on a current-thread runtime keeps the stream tasks on this
     // worker's thread, with its thread-local upstream pool.
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());

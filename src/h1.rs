@@ -1,0 +1,645 @@
+//! ferry's own HTTP/1.1 server loop for client connections.
+//!
+//! The common request, HTTP/1.1 without a body or a protocol upgrade, is parsed
+//! here with httparse and its response head is written directly, in one write
+//! with the start of the body when that is ready. Between requests a connection
+//! holds no buffer: it waits for the next bytes with a buffer on the stack, so
+//! an idle keep-alive connection costs a few hundred bytes instead of a read
+//! and a write buffer.
+//!
+//! Any other request (one with a body, `Expect`, `Upgrade` or `TE`, HTTP/1.0,
+//! `CONNECT`, a head that does not parse or is too large) hands the connection,
+//! with the bytes read so far, to hyper's HTTP/1.1 server for the rest of its
+//! life: hyper then answers errors (400, 431) and serves bodies and upgrades
+//! exactly as before.
+
+use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use crate::body::ClientBody;
+use crate::conn::{ClientIo, ConnState, READING, WAITING};
+use crate::peer::now_ms;
+use crate::proxy::{Ctx, RespBody, handle};
+use crate::server::{Client, MAX_HEAD, serve_h1_hyper};
+
+/// Most header fields in a request head (hyper's limit too); more goes to
+/// hyper, which answers 431.
+const MAX_HEADERS: usize = 100;
+
+/// Bytes read per read call. A request head is usually far smaller; a larger
+/// one takes several reads.
+const READ_CHUNK: usize = 4096;
+
+/// Body data up to this size is copied behind the response head, so both go out
+/// in one write; larger data is written from where it lies.
+const COPY_BODY: usize = 16 * 1024;
+
+/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection.
+pub async fn serve<I>(io: I, client: Client)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut io = ClientIo::new(io, Arc::clone(&client.state));
+    // Each boxed future is made in a statement of its own: a temporary in the
+    // awaited expression would keep a slot of its unboxed size in this future.
+    let simple = Box::pin(serve_simple(&mut io, &client));
+    match simple.await {
+        Outcome::Closed => {}
+        Outcome::Close => {
+            let _ = io.shutdown().await;
+        }
+        Outcome::HandOff(read) => {
+            let io = Rewind {
+                pre: read.freeze(),
+                inner: io,
+            };
+            let hyper = Box::pin(serve_h1_hyper(io, client));
+            return hyper.await;
+        }
+    }
+    client.state.close();
+}
+
+/// How [`serve_simple`] ended.
+enum Outcome {
+    /// The connection is gone or timed out: drop it.
+    Closed,
+    /// Close it gracefully (FIN, lingering if needed).
+    Close,
+    /// A request this loop does not serve arrived: hyper takes over, starting
+    /// with these bytes.
+    HandOff(BytesMut),
+}
+
+/// Timeouts and the shutdown signal, as read when the connection opened.
+struct Limits {
+    header_ms: u64,
+    keepalive_ms: u64,
+}
+
+/// Serve requests while they are simple ones.
+async fn serve_simple<I>(io: &mut ClientIo<I>, client: &Client) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let ctx = client.ctx(false);
+    let limits = {
+        let rt = client.shared.runtime.load();
+        Limits {
+            header_ms: rt.config.server.client_header_timeout.as_millis() as u64,
+            keepalive_ms: rt.config.server.keepalive_timeout.as_millis() as u64,
+        }
+    };
+    let mut stop = client.stop.clone();
+    // One timer for the connection's life, re-armed only when it fires (see
+    // `wait_for_bytes`): serving a request costs no timer work.
+    let timer = tokio::time::sleep(Duration::from_millis(limits.period()));
+    tokio::pin!(timer);
+    let mut buf = BytesMut::new();
+    loop {
+        let (req, mut close) = loop {
+            if !buf.is_empty() {
+                match take_request(&mut buf) {
+                    Take::Request(req, close) => break (req, close),
+                    Take::Partial => {}
+                    Take::Other => return Outcome::HandOff(buf),
+                }
+            }
+            let more = wait_for_bytes(
+                io,
+                &mut buf,
+                &client.state,
+                timer.as_mut(),
+                &mut stop,
+                &limits,
+            )
+            .await;
+            if !matches!(more, Ok(true)) {
+                return Outcome::Closed;
+            }
+        };
+        close |= limits.keepalive_ms == 0;
+        // Boxed: the request's state exists only while it is served, and an
+        // idle connection keeps just what waiting needs.
+        let serving = Box::pin(serve_one(io, &ctx, req, close, &stop));
+        match serving.await {
+            Ok(false) => {}
+            Ok(true) => return Outcome::Close,
+            Err(_) => return Outcome::Closed,
+        }
+        if buf.is_empty() {
+            // Hold no buffer while idle.
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Serve one request and write its response. `Ok(true)`: close the
+/// connection after it (the client, the response or a shutdown said so).
+async fn serve_one<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    ctx: &Arc<Ctx>,
+    req: Request<ClientBody>,
+    mut close: bool,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> io::Result<bool> {
+    let is_head = req.method() == Method::HEAD;
+    let resp = match handle(Arc::clone(ctx), req).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    };
+    close |= *stop.borrow();
+    write_response(io, resp, is_head, &mut close).await?;
+    Ok(close)
+}
+
+impl Limits {
+    /// How often the connection's timer looks at its state while no deadline
+    /// is known: no longer than either timeout, so it always wakes before one.
+    fn period(&self) -> u64 {
+        match self.keepalive_ms {
+            0 => self.header_ms,
+            k => self.header_ms.min(k),
+        }
+        .max(1)
+    }
+}
+
+/// Wait for more request bytes and append them to `buf`. `Ok(false)`: the
+/// client closed, a timeout passed (`client_header_timeout` for a first
+/// request or a head begun, `keepalive_timeout` between requests), or ferry is
+/// stopping; the connection closes without an answer, as nginx's does.
+async fn wait_for_bytes<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    state: &ConnState,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    limits: &Limits,
+) -> io::Result<bool> {
+    loop {
+        tokio::select! {
+            biased;
+            r = std::future::poll_fn(|cx| poll_fill(io, buf, cx)) => return r.map(|n| n > 0),
+            _ = timer.as_mut() => {
+                let (st, since) = state.get();
+                let limit = match st {
+                    WAITING if state.served_any() => limits.keepalive_ms,
+                    WAITING | READING => limits.header_ms,
+                    _ => u64::MAX,
+                };
+                let elapsed = now_ms().saturating_sub(since);
+                if elapsed >= limit {
+                    return Ok(false);
+                }
+                let wait = if limit == u64::MAX { limits.period() } else { limit - elapsed };
+                timer.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
+            }
+            _ = stop.wait_for(|v| *v) => return Ok(false),
+        }
+    }
+}
+
+/// Read what the client sent into `buf`, through a buffer on the stack: while
+/// waiting, the connection holds no memory for reading.
+fn poll_fill<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut rb = ReadBuf::uninit(&mut stack);
+    ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+    let got = rb.filled();
+    buf.extend_from_slice(got);
+    Poll::Ready(Ok(got.len()))
+}
+
+/// What the bytes read so far hold.
+// Returned once per request and unpacked at once: boxing the request would
+// cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Take {
+    /// A request this loop serves, and whether the client asked to close after it.
+    Request(Request<ClientBody>, bool),
+    /// A head not complete yet.
+    Partial,
+    /// Something for hyper: a body, an upgrade, HTTP/1.0, an error to answer.
+    Other,
+}
+
+/// Where a header's name and value lie in the head: name start, name end,
+/// value start, value end.
+type Span = [u32; 4];
+
+/// Parse a request head at the start of `buf` and, when it is one this loop
+/// serves, take it out of `buf` as a request whose header values share the
+/// head's memory.
+fn take_request(buf: &mut BytesMut) -> Take {
+    let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
+    let (len, method, target, n) = {
+        let mut raw = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        let base = buf.as_ptr() as usize;
+        let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+        let len = match req.parse_with_uninit_headers(buf, &mut raw) {
+            Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => return Take::Partial,
+            _ => return Take::Other,
+        };
+        if req.version != Some(1) {
+            return Take::Other;
+        }
+        let (Some(method), Some(path)) = (req.method, req.path) else {
+            return Take::Other;
+        };
+        let Ok(method) = Method::from_bytes(method.as_bytes()) else {
+            return Take::Other;
+        };
+        if method == Method::CONNECT {
+            return Take::Other;
+        }
+        let start = at(path.as_bytes());
+        let target = (start, start + path.len() as u32);
+        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
+            let name = at(h.name.as_bytes());
+            let value = at(h.value);
+            *span = [
+                name,
+                name + h.name.len() as u32,
+                value,
+                value + h.value.len() as u32,
+            ];
+        }
+        (len, method, target, req.headers.len())
+    };
+    let mut close = false;
+    for s in &spans[..n] {
+        let name = &buf[s[0] as usize..s[1] as usize];
+        let value = &buf[s[2] as usize..s[3] as usize];
+        if name.eq_ignore_ascii_case(b"content-length") {
+            if value != b"0" {
+                return Take::Other;
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            for t in value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    return Take::Other;
+                }
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"upgrade")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"te")
+        {
+            return Take::Other;
+        }
+    }
+    let head = buf.split_to(len).freeze();
+    match build(&head, method, target, &spans[..n]) {
+        Some(req) => Take::Request(req, close),
+        None => {
+            // Not one for this loop after all (a target or a value http
+            // refuses): give the bytes back for hyper to answer.
+            let mut all = BytesMut::with_capacity(head.len() + buf.len());
+            all.extend_from_slice(&head);
+            all.extend_from_slice(buf);
+            *buf = all;
+            Take::Other
+        }
+    }
+}
+
+/// The request for a parsed head.
+fn build(
+    head: &Bytes,
+    method: Method,
+    target: (u32, u32),
+    spans: &[Span],
+) -> Option<Request<ClientBody>> {
+    let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize)).ok()?;
+    // Room for the X-Forwarded-* and X-Real-IP fields the proxy adds, so that
+    // adding them does not grow (rehash) the map.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
+    for s in spans {
+        let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize]).ok()?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize)).ok()?;
+        headers.append(name, value);
+    }
+    let mut req = Request::new(ClientBody::Empty);
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    Some(req)
+}
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body follows the head (HEAD, 1xx, 204, 304, or an empty body).
+    None,
+    /// `Content-Length` bytes.
+    Length,
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// Write a response, its head and body, and flush. `close` comes in as whether
+/// the connection closes after it, and is set when the response says so.
+async fn write_response<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    resp: Response<RespBody>,
+    is_head: bool,
+    close: &mut bool,
+) -> io::Result<()> {
+    let (parts, mut body) = resp.into_parts();
+    if parts
+        .headers
+        .get(header::CONNECTION)
+        .is_some_and(|v| has_token(v.as_bytes(), b"close"))
+    {
+        *close = true;
+    }
+    let mut out = Vec::with_capacity(512);
+    let framing = encode_head(&parts, &body, is_head, *close, &mut out);
+    drop(parts);
+    match framing {
+        Framing::None => {
+            io.write_all(&out).await?;
+            drop(body);
+        }
+        Framing::Length | Framing::Chunked => {
+            send_body(io, &mut body, out, framing == Framing::Chunked).await?;
+        }
+    }
+    io.flush().await
+}
+
+/// Whether a comma-separated header value lists `token`.
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Write the status line and headers into `out`, adding the framing header,
+/// `Date` when missing, and `Connection: close` when closing.
+fn encode_head(
+    parts: &http::response::Parts,
+    body: &RespBody,
+    is_head: bool,
+    close: bool,
+    out: &mut Vec<u8>,
+) -> Framing {
+    let status = parts.status;
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+        Some(r) => out.extend_from_slice(r.as_bytes()),
+        None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+    let mut length = false;
+    let mut has_date = false;
+    let mut has_connection = false;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            if value
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_none()
+            {
+                continue;
+            }
+            length = true;
+        } else if name == header::TRANSFER_ENCODING {
+            // Framing is chosen below.
+            continue;
+        } else if name == header::DATE {
+            has_date = true;
+        } else if name == header::CONNECTION {
+            has_connection = true;
+        }
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    let bodiless = is_head
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = if bodiless {
+        Framing::None
+    } else if length {
+        if body.is_end_stream() {
+            Framing::None
+        } else {
+            Framing::Length
+        }
+    } else if body.is_end_stream() {
+        out.extend_from_slice(b"content-length: 0\r\n");
+        Framing::None
+    } else if let Some(n) = body.size_hint().exact() {
+        let mut b = itoa::Buffer::new();
+        put_header(out, b"content-length", b.format(n).as_bytes());
+        Framing::Length
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    if !has_date {
+        put_date(out);
+    }
+    if close && !has_connection {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// This thread's `Date` header value and the second it is for.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+/// A `Date` header for now, formatted once a second per thread.
+fn put_date(out: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, text)| {
+        if *at != secs || text.is_empty() {
+            *at = secs;
+            *text = httpdate::fmt_http_date(now);
+        }
+        put_header(out, b"date", text.as_bytes());
+    });
+}
+
+/// Write the body after the head in `out`: the first data goes out with the
+/// head when it is ready by then.
+async fn send_body<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    body: &mut RespBody,
+    mut out: Vec<u8>,
+    chunked: bool,
+) -> io::Result<()> {
+    loop {
+        let frame = if out.is_empty() {
+            std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+        } else {
+            match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await
+            {
+                Poll::Ready(f) => f,
+                Poll::Pending => {
+                    // Nothing more yet: send what there is, then wait.
+                    io.write_all(&out).await?;
+                    out.clear();
+                    continue;
+                }
+            }
+        };
+        let data = match frame {
+            None => break,
+            Some(Err(e)) => {
+                // The peer failed mid-body: the client sees the response cut
+                // short (the connection closes), as from nginx.
+                let _ = io.write_all(&out).await;
+                return Err(io::Error::other(e));
+            }
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => d,
+                // Trailers: HTTP/1.1 clients get none (a client that asks for
+                // them with `TE: trailers` is served by hyper).
+                Err(_) => continue,
+            },
+        };
+        if !data.is_empty() {
+            if chunked {
+                put_chunk_size(&mut out, data.len());
+            }
+            if data.len() <= COPY_BODY {
+                out.extend_from_slice(&data);
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+            } else {
+                let tail: &[u8] = if chunked { b"\r\n" } else { b"" };
+                write_all_vectored(
+                    io,
+                    &mut [IoSlice::new(&out), IoSlice::new(&data), IoSlice::new(tail)],
+                )
+                .await?;
+                out.clear();
+            }
+        }
+        if body.is_end_stream() {
+            break;
+        }
+    }
+    if chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if !out.is_empty() {
+        io.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn put_chunk_size(out: &mut Vec<u8>, n: usize) {
+    use std::io::Write as _;
+    let _ = write!(out, "{n:x}\r\n");
+}
+
+/// Write all of `bufs`, in as few calls as the socket allows.
+async fn write_all_vectored<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
+    while !bufs.is_empty() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, bufs)).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// A connection handed to hyper with the bytes already read from it put back
+/// in front.
+struct Rewind<T> {
+    pre: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
