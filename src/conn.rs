@@ -101,6 +101,12 @@ impl ConnState {
         }
     }
 
+    /// Back to Waiting, when the bytes read so far turned out not to be a
+    /// request (the HTTP/2 preface).
+    pub fn waiting(&self) {
+        self.set(WAITING);
+    }
+
     /// A request head was parsed and is being served.
     #[inline]
     pub fn request_started(&self) {
@@ -174,6 +180,11 @@ pub struct ClientIo<T> {
 }
 
 impl<T> ClientIo<T> {
+    /// The socket, unwrapped.
+    pub fn into_inner(self) -> T {
+        self.inner
+    }
+
     /// Wrap a socket.
     pub fn new(inner: T, state: Arc<ConnState>) -> ClientIo<T> {
         ClientIo {

@@ -13,6 +13,7 @@
 //! life: hyper then answers errors (400, 431) and serves bodies and upgrades
 //! exactly as before.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -31,7 +32,7 @@ use crate::body::ClientBody;
 use crate::conn::{ClientIo, ConnState, READING, WAITING};
 use crate::peer::now_ms;
 use crate::proxy::{Ctx, RespBody, handle};
-use crate::server::{Client, MAX_HEAD, serve_h1_hyper};
+use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
 
 /// Most header fields in a request head (hyper's limit too); more goes to
 /// hyper, which answers 431.
@@ -45,30 +46,46 @@ const READ_CHUNK: usize = 4096;
 /// in one write; larger data is written from where it lies.
 const COPY_BODY: usize = 16 * 1024;
 
-/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection.
-pub async fn serve<I>(io: I, client: Client)
+/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection;
+/// with `h2c`, serve HTTP/2 instead when the client opens with the HTTP/2
+/// prior-knowledge preface.
+pub fn serve<I>(io: I, client: Client, h2c: bool) -> impl Future<Output = ()> + Send
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Wrapped before the future is made, so that the future holds the socket
+    // once, not also as an argument.
     let mut io = ClientIo::new(io, Arc::clone(&client.state));
-    // Each boxed future is made in a statement of its own: a temporary in the
-    // awaited expression would keep a slot of its unboxed size in this future.
-    let simple = Box::pin(serve_simple(&mut io, &client));
-    match simple.await {
-        Outcome::Closed => {}
-        Outcome::Close => {
-            let _ = io.shutdown().await;
+    async move {
+        match serve_simple(&mut io, &client, h2c).await {
+            Outcome::Closed => {}
+            Outcome::Close => {
+                let _ = io.shutdown().await;
+            }
+            Outcome::Http2(read) => {
+                // The preface is not a request: the connection waits again,
+                // with HTTP/2's own timers.
+                client.state.waiting();
+                let io = Rewind {
+                    pre: read.freeze(),
+                    inner: io.into_inner(),
+                };
+                let h2 = Box::pin(serve_h2(io, client));
+                return h2.await;
+            }
+            Outcome::HandOff(read) => {
+                let io = Rewind {
+                    pre: read.freeze(),
+                    inner: io,
+                };
+                // Boxed, and in a statement of its own: a temporary in the
+                // awaited expression would keep its unboxed size in this future.
+                let hyper = Box::pin(serve_h1_hyper(io, client));
+                return hyper.await;
+            }
         }
-        Outcome::HandOff(read) => {
-            let io = Rewind {
-                pre: read.freeze(),
-                inner: io,
-            };
-            let hyper = Box::pin(serve_h1_hyper(io, client));
-            return hyper.await;
-        }
+        client.state.close();
     }
-    client.state.close();
 }
 
 /// How [`serve_simple`] ended.
@@ -80,6 +97,9 @@ enum Outcome {
     /// A request this loop does not serve arrived: hyper takes over, starting
     /// with these bytes.
     HandOff(BytesMut),
+    /// The client opened with the HTTP/2 preface: serve HTTP/2, starting with
+    /// these bytes.
+    Http2(BytesMut),
 }
 
 /// Timeouts and the shutdown signal, as read when the connection opened.
@@ -89,7 +109,7 @@ struct Limits {
 }
 
 /// Serve requests while they are simple ones.
-async fn serve_simple<I>(io: &mut ClientIo<I>, client: &Client) -> Outcome
+async fn serve_simple<I>(io: &mut ClientIo<I>, client: &Client, mut h2c: bool) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -109,7 +129,17 @@ where
     let mut buf = BytesMut::new();
     loop {
         let (req, mut close) = loop {
-            if !buf.is_empty() {
+            if h2c && !buf.is_empty() {
+                // HTTP/2 with prior knowledge starts with the preface; only the
+                // first bytes of a connection can be it.
+                let n = buf.len().min(H2_PREFACE.len());
+                if buf[..n] != H2_PREFACE[..n] {
+                    h2c = false;
+                } else if n == H2_PREFACE.len() {
+                    return Outcome::Http2(buf);
+                }
+            }
+            if !h2c && !buf.is_empty() {
                 match take_request(&mut buf) {
                     Take::Request(req, close) => break (req, close),
                     Take::Partial => {}

@@ -92,7 +92,7 @@ pub fn worker_count(cfg: &Config) -> usize {
 }
 
 /// Per-worker bookkeeping of open connections, for the shutdown wait.
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Tracker {
     open: AtomicUsize,
     idle: Notify,
@@ -781,29 +781,46 @@ async fn accept_loop(
         tokio::task::yield_now().await;
         counters.handled.fetch_add(1, Relaxed);
         tracker.open.fetch_add(1, Relaxed);
-        let shared = Arc::clone(&shared);
-        let stop = stop.clone();
-        let tracker = Arc::clone(&tracker);
-        tokio::spawn(async move {
-            match kind {
-                Kind::Plain => serve_connection(w, stream, remote, shared, stop).await,
-                // Boxed, as HTTP/2 below: inline, the larger state of the rarer
-                // kinds of connection would be held by every plain HTTP/1.1 one.
-                Kind::Tls => {
-                    let tls = Box::pin(serve_tls(w, stream, remote, shared, stop));
-                    tls.await
-                }
+        let open = Open {
+            _permit: permit,
+            tracker: Arc::clone(&tracker),
+        };
+        let scheme = match kind {
+            Kind::Plain => "http",
+            Kind::Tls => "https",
+        };
+        let client = Client::new(w, remote, Arc::clone(&shared), stop.clone(), scheme, open);
+        match kind {
+            Kind::Plain => {
+                tokio::spawn(serve_connection(stream, client));
             }
-            drop(permit);
-            if tracker.open.fetch_sub(1, Relaxed) == 1 {
-                tracker.idle.notify_waiters();
+            // Boxed, as HTTP/2 is: inline, the larger state of the rarer kinds
+            // of connection would be held by every plain HTTP/1.1 one.
+            Kind::Tls => {
+                tokio::spawn(Box::pin(serve_tls(stream, client)));
             }
-        });
+        }
+    }
+}
+
+/// A connection's hold on the `max_connections` limit and on the count that
+/// graceful shutdown waits for; released when the connection ends.
+#[derive(Debug)]
+pub struct Open {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    tracker: Arc<Tracker>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if self.tracker.open.fetch_sub(1, Relaxed) == 1 {
+            self.tracker.idle.notify_waiters();
+        }
     }
 }
 
 /// The first bytes of an HTTP/2 connection with prior knowledge (RFC 9113 3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Streams a client may reset before ferry accepted them, per connection; the
 /// next one ends the connection with GOAWAY `ENHANCE_YOUR_CALM`. This is the
@@ -819,7 +836,7 @@ const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// An accepted client connection before its protocol is chosen: what serving it
 /// needs besides the byte stream. A TLS listener makes one per connection and
-/// calls [`serve_h1`] or [`serve_h2`] by the ALPN result.
+/// calls [`crate::h1::serve`] or [`serve_h2`] by the ALPN result.
 pub struct Client {
     /// The worker serving it.
     pub worker: usize,
@@ -833,6 +850,8 @@ pub struct Client {
     pub scheme: &'static str,
     /// stub_status state; counted as Waiting from here on.
     pub state: Arc<ConnState>,
+    /// Released when the connection ends.
+    pub open: Open,
 }
 
 impl Client {
@@ -843,6 +862,7 @@ impl Client {
         shared: Arc<Shared>,
         stop: watch::Receiver<bool>,
         scheme: &'static str,
+        open: Open,
     ) -> Client {
         let state = Arc::new(ConnState::new(shared.metrics.worker(worker)));
         Client {
@@ -852,6 +872,7 @@ impl Client {
             stop,
             scheme,
             state,
+            open,
         }
     }
 
@@ -880,37 +901,15 @@ impl Client {
 }
 
 /// Serve a plain-TCP client: HTTP/2 when it opens with the prior-knowledge
-/// preface (and `http2` is on), HTTP/1.1 otherwise.
-async fn serve_connection(
-    w: usize,
+/// preface (and `http2` is on), HTTP/1.1 otherwise. The loop in [`crate::h1`]
+/// reads the first bytes and tells which.
+fn serve_connection(
     stream: tokio::net::TcpStream,
-    remote: SocketAddr,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-) {
+    client: Client,
+) -> impl Future<Output = ()> + Send + 'static {
     let _ = stream.set_nodelay(true);
-    let (http2, header_timeout) = {
-        let rt = shared.runtime.load();
-        (
-            rt.config.server.http2,
-            rt.config.server.client_header_timeout,
-        )
-    };
-    let mut client = Client::new(w, remote, shared, stop, "http");
-    if http2 {
-        // Boxed, and only while it runs: inline, its timers would stay in every
-        // connection's state for the connection's whole life.
-        let sniff = Box::pin(sniff_preface(&stream, header_timeout, &mut client.stop));
-        match sniff.await {
-            Some(true) => {
-                let h2 = Box::pin(serve_h2(stream, client));
-                return h2.await;
-            }
-            Some(false) => {}
-            None => return,
-        }
-    }
-    serve_h1(stream, client).await
+    let http2 = client.shared.runtime.load().config.server.http2;
+    crate::h1::serve(stream, client, http2)
 }
 
 /// A connection on a TLS listener: the TLS handshake (within
@@ -918,16 +917,10 @@ async fn serve_connection(
 /// decrypted stream, as ALPN chose. The connection counts as open (Waiting) from
 /// the accept on. A failed handshake ends this connection only: it is counted in
 /// `ferry_tls_handshake_errors_total` and logged at debug level.
-async fn serve_tls(
-    w: usize,
-    stream: tokio::net::TcpStream,
-    remote: SocketAddr,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-) {
+async fn serve_tls(stream: tokio::net::TcpStream, mut client: Client) {
     let _ = stream.set_nodelay(true);
     let (acceptor, timeout) = {
-        let rt = shared.runtime.load();
+        let rt = client.shared.runtime.load();
         let tls = rt.config.tls.as_ref().and_then(|t| t.loaded.as_ref());
         (
             tls.map(|t| t.acceptor.clone()),
@@ -938,8 +931,8 @@ async fn serve_tls(
     let Some(acceptor) = acceptor else {
         return;
     };
-    let metrics = shared.metrics;
-    let mut client = Client::new(w, remote, shared, stop, "https");
+    let metrics = client.shared.metrics;
+    let remote = client.remote;
     let handshake = tokio::time::timeout(timeout, acceptor.accept(stream));
     let done = tokio::select! {
         r = handshake => r,
@@ -965,53 +958,8 @@ async fn serve_tls(
     if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
         serve_h2(tls, client).await
     } else {
-        serve_h1(tls, client).await
+        crate::h1::serve(tls, client, false).await
     }
-}
-
-/// Whether the client's first bytes are the HTTP/2 preface, looked at without
-/// taking them (one `MSG_PEEK` per connection). `None`: the client closed, sent
-/// nothing within `client_header_timeout`, or ferry is stopping.
-async fn sniff_preface(
-    stream: &tokio::net::TcpStream,
-    header_timeout: Duration,
-    stop: &mut watch::Receiver<bool>,
-) -> Option<bool> {
-    let deadline = Instant::now() + header_timeout;
-    let mut buf = [0u8; H2_PREFACE.len()];
-    loop {
-        let n = tokio::select! {
-            r = tokio::time::timeout_at(deadline, stream.peek(&mut buf)) => match r {
-                Ok(Ok(n)) => n,
-                _ => return None,
-            },
-            _ = stop.wait_for(|v| *v) => return None,
-        };
-        if n == 0 {
-            return None;
-        }
-        if buf[..n] != H2_PREFACE[..n] {
-            return Some(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Some(true);
-        }
-        // Part of the preface so far (a rare split write): the data already
-        // there keeps the socket readable, so wait a little before looking again.
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-/// Serve HTTP/1.1 on `io` until the client or a timeout ends the connection:
-/// ferry's own loop ([`crate::h1`]) while requests are simple, hyper's after.
-pub async fn serve_h1<I>(io: I, client: Client)
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    crate::h1::serve(io, client).await
 }
 
 /// Serve HTTP/1.1 with hyper on `io` (already wrapped in [`crate::conn::ClientIo`]) until the
