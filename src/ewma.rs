@@ -132,7 +132,20 @@ impl Ewma {
     /// (within 0.1% of [`Ewma::estimate`]; otherwise the two are the same).
     #[inline]
     pub fn read_coarse(&self, now_ms: u64, decay: bool) -> (f64, f64) {
-        let (est, stamp) = unpack(self.state.load(Relaxed));
+        Ewma::coarse_of(self.state(), now_ms, decay)
+    }
+
+    /// The whole state in one read: two reads that return the same value give the
+    /// same estimates at the same `now_ms` (see [`Ewma::coarse_of`]).
+    #[inline]
+    pub fn state(&self) -> u64 {
+        self.state.load(Relaxed)
+    }
+
+    /// [`Ewma::read_coarse`] of a state returned by [`Ewma::state`].
+    #[inline]
+    pub fn coarse_of(state: u64, now_ms: u64, decay: bool) -> (f64, f64) {
+        let (est, stamp) = unpack(state);
         if !decay || est == 0.0 {
             return (est, est);
         }

@@ -6,11 +6,11 @@
 //! to skip unusable peers; they never own health themselves.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
 use std::sync::atomic::{
     AtomicBool, AtomicI64, AtomicU32, AtomicU64,
     Ordering::{Acquire, Relaxed, Release},
 };
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use crate::ewma::Ewma;
@@ -62,7 +62,8 @@ pub struct Peer {
     pub addr_str: std::sync::Arc<str>,
     /// Static parameters.
     pub params: PeerParams,
-    in_flight: AtomicU32,
+    /// Requests in flight and the latency estimate, in a slot of a shared block.
+    hot: &'static Hot,
     fails: AtomicU32,
     /// ms timestamps (see [`now_ms`]) of the last failure / last probe window start.
     accessed: AtomicU64,
@@ -77,8 +78,8 @@ pub struct Peer {
     healthy: AtomicBool,
     /// Requests completed (any outcome) through this peer.
     requests: AtomicU64,
-    /// Response-time estimate used by `least_time`.
-    pub latency: Ewma,
+    /// Response-time estimate used by `least_time` (the one in `hot`).
+    pub latency: &'static Ewma,
     /// Counters exported as metrics.
     pub stats: PeerStats,
     /// Idle pooled connections to this peer, across all workers.
@@ -182,6 +183,48 @@ impl PeerStats {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
+/// What strategies read of a peer on every pick: requests in flight and the
+/// response-time estimate. Peers take these slots from blocks of [`HOT_BLOCK`]
+/// side by side (4 KiB each), so a pick over many peers reads a few
+/// adjacent cache lines instead of a region per peer.
+#[derive(Debug, Default)]
+#[repr(align(16))]
+pub struct Hot {
+    /// Response-time estimate used by `least_time`.
+    pub latency: Ewma,
+    in_flight: AtomicU32,
+}
+
+impl Hot {
+    /// Requests currently in flight to the peer.
+    #[inline]
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Relaxed)
+    }
+}
+
+/// Slots per block of [`Hot`].
+const HOT_BLOCK: usize = 4096 / std::mem::size_of::<Hot>();
+
+/// Free [`Hot`] slots. Blocks are allocated once and kept for the life of the
+/// process; a dropped peer gives its slot back, and the last slot given back is
+/// the next taken, so peers built together (one upstream) sit together.
+static FREE_HOT: Mutex<Vec<&'static Hot>> = Mutex::new(Vec::new());
+
+/// A cleared slot for a new peer.
+fn take_hot() -> &'static Hot {
+    let mut free = FREE_HOT.lock().unwrap_or_else(PoisonError::into_inner);
+    if free.is_empty() {
+        let block: &'static [Hot] = Box::leak((0..HOT_BLOCK).map(|_| Hot::default()).collect());
+        // Taken from the end: the block's slots go out in address order.
+        free.extend(block.iter().rev());
+    }
+    let hot = free.pop().unwrap_or_else(|| Box::leak(Box::default()));
+    hot.in_flight.store(0, Relaxed);
+    hot.latency.reset();
+    hot
+}
+
 /// Moves on whenever any peer may have become, or stopped being, calm (see
 /// [`Peer::is_calm`]), so a strategy can tell in one load whether what it last
 /// saw about its peers still holds.
@@ -204,12 +247,13 @@ impl Peer {
     pub fn new(addr: SocketAddr, params: PeerParams) -> Peer {
         let weight = i64::from(params.weight.max(1));
         let down = params.down;
+        let hot = take_hot();
         Peer {
             id: NEXT_ID.fetch_add(1, Relaxed) as usize,
             addr,
             addr_str: addr.to_string().into(),
             params,
-            in_flight: AtomicU32::new(0),
+            hot,
             fails: AtomicU32::new(0),
             accessed: AtomicU64::new(0),
             checked: AtomicU64::new(0),
@@ -218,7 +262,7 @@ impl Peer {
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
-            latency: Ewma::new(),
+            latency: &hot.latency,
             stats: PeerStats::default(),
             idle_conns: AtomicU32::new(0),
             ramp_start: AtomicU64::new(0),
@@ -236,7 +280,14 @@ impl Peer {
     /// Requests currently in flight to this peer.
     #[inline]
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Relaxed)
+        self.hot.in_flight()
+    }
+
+    /// This peer's slot of per-pick state; it stays this peer's while the peer
+    /// lives (a strategy that reads it directly holds the peer).
+    #[inline]
+    pub fn hot(&self) -> &'static Hot {
+        self.hot
     }
 
     /// Failures counted in the current window.
@@ -406,7 +457,7 @@ impl Peer {
         !self.admin_down.load(Relaxed)
             && !self.draining.load(Relaxed)
             && self.healthy.load(Relaxed)
-            && (self.params.max_conns == 0 || self.in_flight.load(Relaxed) < self.params.max_conns)
+            && (self.params.max_conns == 0 || self.in_flight() < self.params.max_conns)
             && !self.is_failed(now)
     }
 
@@ -474,9 +525,19 @@ impl Peer {
     /// Take an in-flight slot; dropping the guard gives it back.
     #[inline]
     pub fn start_request(self: &std::sync::Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Relaxed);
+        self.hot.in_flight.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         InFlight(self.clone())
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // No request holds the peer any more, so nothing is in flight on it.
+        FREE_HOT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(self.hot);
     }
 }
 
@@ -493,7 +554,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
+        self.0.hot.in_flight.fetch_sub(1, Relaxed);
         if self.0.params.max_conns > 0
             && let Some(n) = self.0.release.get()
         {
@@ -669,6 +730,34 @@ mod tests {
             assert!(!p.record_failure(1000));
         }
         assert!(p.is_usable(1000));
+    }
+
+    #[test]
+    fn hot_slots_are_own_and_come_back_cleared() {
+        let a = Arc::new(Peer::new("127.0.0.1:1".parse().unwrap(), params(1, 1)));
+        let b = Arc::new(Peer::new("127.0.0.1:2".parse().unwrap(), params(1, 1)));
+        assert!(!std::ptr::eq(a.hot(), b.hot()));
+        assert!(std::ptr::eq(a.latency, &a.hot().latency));
+        let _g = b.start_request();
+        b.latency.record(Duration::from_millis(3), 1000);
+        assert_eq!((a.in_flight(), b.hot().in_flight()), (0, 1));
+        drop(_g);
+        // A dropped peer's slot goes to a later peer, cleared; a live peer's
+        // slot to none.
+        drop(b);
+        let peers: Vec<Peer> = (0..HOT_BLOCK + 1)
+            .map(|i| {
+                Peer::new(
+                    format!("127.0.0.2:{}", i + 1).parse().unwrap(),
+                    params(1, 1),
+                )
+            })
+            .collect();
+        for p in &peers {
+            assert!(!std::ptr::eq(p.hot(), a.hot()));
+            assert_eq!(p.in_flight(), 0);
+            assert_eq!(p.latency.last(), 0.0);
+        }
     }
 
     #[test]

@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use super::{CalmView, RequestKey, SmoothWrr, Strategy, available, candidates, commit};
-use crate::peer::{Peer, Tried};
+use super::{CalmView, HotView, RequestKey, SmoothWrr, Strategy, available, candidates, commit};
+use crate::peer::{Hot, Peer, Tried};
 
 /// `least_conn`: the usable peer with the lowest `in_flight / weight`; ties by smooth WRR.
 #[derive(Debug)]
 pub struct LeastConn {
     wrr: SmoothWrr,
     calm: CalmView,
+    hot: HotView,
 }
 
 impl LeastConn {
@@ -18,6 +19,29 @@ impl LeastConn {
         LeastConn {
             wrr: SmoothWrr::new(peers),
             calm: CalmView::new(),
+            hot: HotView::new(peers),
+        }
+    }
+
+    /// The pick when every peer is calm, nothing was tried and there are at most
+    /// 64 peers, the ones this instance was built for; same answer and WRR state
+    /// as the full rules. Reads the in-flight counts from the peers' [`Hot`]
+    /// slots, side by side. With nothing in flight anywhere every peer ties (at
+    /// 0), so it is plain smooth WRR; otherwise [`SmoothWrr::lowest_set`] finds
+    /// the peers that tie for the fewest per weight and smooth WRR runs among
+    /// them only.
+    #[inline]
+    fn pick_calm(&self, hot: &[&'static Hot]) -> Option<usize> {
+        let n = hot.len().min(64);
+        let busy = hot.iter().fold(0, |b, h| b | h.in_flight());
+        if busy == 0 {
+            let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+            return self.wrr.pick_in(all);
+        }
+        let load = |i: usize| hot.get(i).map_or(u32::MAX, |h| h.in_flight());
+        match self.wrr.lowest_set(n, load) {
+            Some(set) => self.wrr.pick_in(set),
+            None => self.wrr.pick_least(n, |i| u64::from(load(i))),
         }
     }
 }
@@ -38,9 +62,11 @@ impl Strategy for LeastConn {
         tried: &Tried,
         now: u64,
     ) -> Option<usize> {
-        if peers.len() <= 64 && self.calm.all_calm(peers, tried) {
-            let load = |i: usize| peers.get(i).map_or(u64::MAX, |p| u64::from(p.in_flight()));
-            let i = self.wrr.pick_least(peers.len(), load)?;
+        if peers.len() <= 64
+            && let Some(hot) = self.hot.of(peers)
+            && self.calm.all_calm(peers, tried)
+        {
+            let i = self.pick_calm(hot)?;
             return commit(peers, i, now);
         }
         let mut best: Option<usize> = None;

@@ -1,9 +1,11 @@
 //! `least_time`: lowest response-time estimate × (8 + in-flight) per weight.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use super::{CalmView, RequestKey, SmoothWrr, Strategy, candidates, commit};
-use crate::peer::{Peer, Tried};
+use super::{CalmView, HotView, RequestKey, SmoothWrr, Strategy, candidates, commit};
+use crate::ewma::Ewma;
+use crate::peer::{Hot, Peer, Tried};
 
 /// Estimates below this (µs) count as this: sub-millisecond differences are noise.
 pub const FLOOR_US: f64 = 1000.0;
@@ -35,6 +37,72 @@ pub const PARALLEL: u64 = 8;
 pub struct LeastTime {
     wrr: SmoothWrr,
     calm: CalmView,
+    hot: HotView,
+    /// Per peer, what the calm shortcut last made of its estimate.
+    seen: Box<[Seen]>,
+    /// The peers that tied for the lowest score at the last full look of the
+    /// calm shortcut (bit `i` = peer `i`; 0 = none kept), valid while every
+    /// peer's estimate state and in-flight count are still those in `seen` and
+    /// the time is still `tied_at`.
+    tied: AtomicU64,
+    tied_at: AtomicU64,
+}
+
+/// The bucketed estimates of one peer as of one read of its [`Ewma`] state, so that while the state stays the same a pick compares one word
+/// instead of converting and bucketing the estimate again. Belongs to one
+/// strategy instance (one worker), hence relaxed atomics.
+#[derive(Debug)]
+struct Seen {
+    /// The raw estimate state ([`Ewma::state`]) the buckets are of.
+    state: AtomicU64,
+    /// Low 32 bits: `bucket` of the last estimate, 0 when never sampled. High 32
+    /// bits: `bucket` of the estimate with idle decay at `at`.
+    buckets: AtomicU64,
+    /// The time (ms) the decayed bucket is for; `u64::MAX` = none yet.
+    at: AtomicU64,
+    /// The in-flight count at the last full look of the calm shortcut.
+    flight: AtomicU32,
+}
+
+impl Seen {
+    fn new() -> Seen {
+        // State 0 is "never sampled", whose last-estimate bucket is 0.
+        Seen {
+            state: AtomicU64::new(0),
+            buckets: AtomicU64::new(0),
+            at: AtomicU64::new(u64::MAX),
+            flight: AtomicU32::new(0),
+        }
+    }
+
+    /// For the estimate state `state`: the bucket of its last estimate (0 when
+    /// never sampled), and the bucketed time the score uses at `now`, with the
+    /// idle decay when `decay` (as [`Ewma::read_coarse`] then
+    /// [`bucket`] give it). Recomputed only when the state or, for the decayed
+    /// time, `now` moved.
+    #[inline]
+    fn read(&self, state: u64, now: u64, decay: bool) -> (u64, u64) {
+        let mut buckets = self.buckets.load(Relaxed);
+        if self.state.load(Relaxed) != state {
+            let (last, _) = Ewma::coarse_of(state, now, false);
+            buckets = if last > 0.0 { bucket(last) } else { 0 };
+            self.state.store(state, Relaxed);
+            self.buckets.store(buckets, Relaxed);
+            self.at.store(u64::MAX, Relaxed);
+        }
+        let last = buckets & 0xffff_ffff;
+        if !decay || last == 0 {
+            // Undecayed, or no samples (an estimate of 0, bucketed to 1).
+            return (last, last.max(1));
+        }
+        if self.at.load(Relaxed) != now {
+            let (_, e) = Ewma::coarse_of(state, now, true);
+            buckets = last | bucket(e) << 32;
+            self.buckets.store(buckets, Relaxed);
+            self.at.store(now, Relaxed);
+        }
+        (last, buckets >> 32)
+    }
 }
 
 impl LeastTime {
@@ -43,34 +111,74 @@ impl LeastTime {
         LeastTime {
             wrr: SmoothWrr::new(peers),
             calm: CalmView::new(),
+            hot: HotView::new(peers),
+            seen: peers.iter().map(|_| Seen::new()).collect(),
+            tied: AtomicU64::new(0),
+            tied_at: AtomicU64::new(0),
         }
     }
 
     /// The pick when every peer is calm, nothing was tried and there are at most
-    /// 64 peers: one pass reads each peer once (bucketed estimate and in-flight
-    /// count) into arrays on the stack, a second finds the lowest score and, among
-    /// the peers tying with it, the smooth-WRR winner. Same answer and WRR state
-    /// as the full rules (raising to the lift commutes with bucketing).
+    /// 64 peers, the ones this instance was built for. Same answer and WRR state
+    /// as the full rules.
+    ///
+    /// The scores are a function of the peers' estimate states, in-flight counts
+    /// and the time: when none of these moved since the last full look, the same
+    /// peers tie for the lowest score and smooth WRR runs among them at once
+    /// (one pass comparing each peer's two words with what `seen` holds).
+    /// Otherwise the full look: one pass reads each peer's [`Hot`] slot and takes
+    /// its bucketed times from [`Seen`], a second forms the scores, and
+    /// [`SmoothWrr::lowest_set`] finds the peers tying for the lowest score per
+    /// weight. `bucket` never decreases, so the bucket of the lifted fastest
+    /// estimate is the lowest bucket of the sampled peers' last estimates (at
+    /// least 1, the bucket of [`FLOOR_US`]), and raising to it commutes with
+    /// bucketing.
     #[inline]
-    fn pick_calm(&self, peers: &[Arc<Peer>], now: u64) -> Option<usize> {
-        let n = peers.len().min(64);
-        if n == 0 {
+    fn pick_calm(&self, hot: &[&'static Hot], now: u64) -> Option<usize> {
+        let n = hot.len();
+        if n == 0 || n > 64 || n != self.seen.len() {
             return None;
         }
-        let mut time = [0u64; 64];
-        let mut load = [0u64; 64];
-        let mut fastest = f64::INFINITY;
-        for (i, p) in peers[..n].iter().enumerate() {
-            let in_flight = p.in_flight();
-            let (last, e) = p.latency.read_coarse(now, in_flight == 0);
-            if last > 0.0 {
-                fastest = fastest.min(last);
+        let tied = self.tied.load(Relaxed);
+        if tied != 0 && self.tied_at.load(Relaxed) == now {
+            let moved = hot.iter().zip(self.seen.iter()).fold(0, |d, (h, seen)| {
+                d | (h.latency.state() ^ seen.state.load(Relaxed))
+                    | u64::from(h.in_flight() ^ seen.flight.load(Relaxed))
+            });
+            if moved == 0 {
+                return self.wrr.pick_in(tied);
             }
-            time[i] = bucket(e);
-            load[i] = PARALLEL + u64::from(in_flight);
         }
-        let floor = bucket(lift(fastest));
-        self.wrr.pick_least(n, |i| time[i].max(floor) * load[i])
+        let mut time = [0u64; 64];
+        let mut flight = [0u32; 64];
+        let mut floor = u64::MAX;
+        for (i, (h, seen)) in hot.iter().zip(self.seen.iter()).enumerate() {
+            let in_flight = h.in_flight();
+            let (last, t) = seen.read(h.latency.state(), now, in_flight == 0);
+            seen.flight.store(in_flight, Relaxed);
+            if last > 0 {
+                floor = floor.min(last);
+            }
+            time[i] = t;
+            flight[i] = in_flight;
+        }
+        let floor = if floor == u64::MAX { 1 } else { floor };
+        let mut loads = [0u64; 64];
+        let mut high = 0;
+        for ((l, &t), &f) in loads.iter_mut().zip(&time[..n]).zip(&flight[..n]) {
+            *l = t.max(floor) * (PARALLEL + u64::from(f));
+            high |= *l >> 32;
+        }
+        // Every score fits in 32 bits (as it does below some 4 s × 100 in flight).
+        if high == 0
+            && let Some(set) = self.wrr.lowest_set(n, |i| loads[i] as u32)
+        {
+            self.tied.store(set, Relaxed);
+            self.tied_at.store(now, Relaxed);
+            return self.wrr.pick_in(set);
+        }
+        self.tied.store(0, Relaxed);
+        self.wrr.pick_least(n, |i| loads[i])
     }
 }
 
@@ -125,8 +233,11 @@ impl Strategy for LeastTime {
         tried: &Tried,
         now: u64,
     ) -> Option<usize> {
-        if peers.len() <= 64 && self.calm.all_calm(peers, tried) {
-            let i = self.pick_calm(peers, now)?;
+        if peers.len() <= 64
+            && let Some(hot) = self.hot.of(peers)
+            && self.calm.all_calm(peers, tried)
+        {
+            let i = self.pick_calm(hot, now)?;
             return commit(peers, i, now);
         }
         let fastest = candidates(peers, tried, now)
@@ -260,6 +371,48 @@ mod tests {
     #[test]
     fn skips_unusable_peers() {
         check_skips_unusable(|ps| Box::new(LeastTime::new(ps)));
+    }
+
+    /// The calm shortcut, with its cached buckets and tied set, against the full
+    /// rules (forced by a `tried` set naming only an index past the end) while
+    /// time moves, samples arrive, requests start and finish, and now and then
+    /// a score needs more than 32 bits.
+    #[test]
+    fn cached_view_matches_full_rules_as_time_moves() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        for n in [1usize, 2, 4, 9, 64] {
+            let weights: Vec<u32> = (0..n).map(|_| rng.u32(1..=4)).collect();
+            let ps = peers(&weights);
+            let (fast, full) = (LeastTime::new(&ps), LeastTime::new(&ps));
+            let mut force = Tried::new();
+            force.insert(1000);
+            let mut held: Vec<InFlight> = Vec::new();
+            let mut now = NOW;
+            for round in 0..3_000 {
+                match rng.u8(..10) {
+                    0 => now += rng.u64(1..3),
+                    1 => now += rng.u64(500..3_000),
+                    2 => held.push(ps[rng.usize(..n)].start_request()),
+                    3 if !held.is_empty() => {
+                        held.swap_remove(rng.usize(..held.len()));
+                    }
+                    4 => {
+                        let took = if rng.u8(..20) == 0 {
+                            // Days: a score past 32 bits.
+                            Duration::from_secs(rng.u64(1_000_000..10_000_000))
+                        } else {
+                            Duration::from_micros(rng.u64(200..30_000))
+                        };
+                        ps[rng.usize(..n)].latency.record(took, now);
+                    }
+                    _ => {}
+                }
+                let k = key("192.0.2.1");
+                let a = fast.pick(&ps, &k, &Tried::new(), now);
+                let b = full.pick(&ps, &k, &force, now);
+                assert_eq!(a, b, "{n} peers, round {round}, weights {weights:?}");
+            }
+        }
     }
 
     /// Closed-loop simulation: `clients` clients each send a request, wait for the

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 
 use crate::config::{StrategyKind, UpstreamConfig};
-use crate::peer::{Peer, Tried, calm_epoch};
+use crate::peer::{Hot, Peer, Tried, calm_epoch};
 
 pub mod hash;
 pub mod ip_hash;
@@ -134,6 +134,38 @@ impl CalmView {
         self.calm.store(calm, Relaxed);
         self.epoch.store(e, Relaxed);
         calm
+    }
+}
+
+/// The per-pick state ([`Hot`]) of the peers one strategy instance was built
+/// over, read without going through each peer: for the calm shortcuts of
+/// `least_conn` and `least_time`. Holds the peers, so their slots stay theirs.
+#[derive(Debug)]
+pub(crate) struct HotView {
+    slots: Box<[&'static Hot]>,
+    peers: Box<[Arc<Peer>]>,
+}
+
+impl HotView {
+    pub(crate) fn new(peers: &[Arc<Peer>]) -> HotView {
+        HotView {
+            slots: peers.iter().map(|p| p.hot()).collect(),
+            peers: peers.into(),
+        }
+    }
+
+    /// The slots, in list order, when `peers` is the list this view was built
+    /// over (same length, same first and last peer).
+    #[inline]
+    pub(crate) fn of(&self, peers: &[Arc<Peer>]) -> Option<&[&'static Hot]> {
+        let same = |a: Option<&Arc<Peer>>, b: Option<&Arc<Peer>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (a, b) => a.is_none() && b.is_none(),
+        };
+        (peers.len() == self.peers.len()
+            && same(peers.first(), self.peers.first())
+            && same(peers.last(), self.peers.last()))
+        .then_some(&self.slots)
     }
 }
 

@@ -19,16 +19,46 @@ pub struct SmoothWrr {
     /// The peers' configured weights, side by side for [`SmoothWrr::pick_calm`].
     pub(crate) weights: Box<[i64]>,
     total: i64,
+    /// Per peer, `lcm / weight`, where `lcm` is the least common multiple of all
+    /// the weights: `load × scale` orders peers as `load / weight` does, with
+    /// neither division nor cross-multiplication (see [`SmoothWrr::lowest_set`]).
+    /// Empty when that multiple exceeds [`MAX_LCM`].
+    scale: Box<[u64]>,
+}
+
+/// Largest least common multiple of the weights for which [`SmoothWrr`] keeps
+/// per-peer scales: a 32-bit load times a scale then fits in 63 bits.
+const MAX_LCM: u64 = 1 << 31;
+
+/// The least common multiple of `weights` (each at least 1), or `None` when it
+/// exceeds [`MAX_LCM`].
+fn lcm_of(weights: &[i64]) -> Option<u64> {
+    fn gcd(mut a: u64, mut b: u64) -> u64 {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    }
+    weights.iter().try_fold(1u64, |l, &w| {
+        let w = u64::try_from(w).ok().filter(|&w| w > 0)?;
+        let next = (l / gcd(l, w)).checked_mul(w)?;
+        (next <= MAX_LCM).then_some(next)
+    })
 }
 
 impl SmoothWrr {
     /// State for a list of peers, all current weights zero.
     pub fn new(peers: &[Arc<Peer>]) -> SmoothWrr {
         let weights: Box<[i64]> = peers.iter().map(|p| p.weight()).collect();
+        let scale = match lcm_of(&weights) {
+            Some(lcm) => weights.iter().map(|&w| lcm / w.max(1) as u64).collect(),
+            None => Box::default(),
+        };
         SmoothWrr {
             current: (0..peers.len()).map(|_| AtomicI64::new(0)).collect(),
             total: weights.iter().sum(),
             weights,
+            scale,
         }
     }
 
@@ -85,6 +115,72 @@ impl SmoothWrr {
         }
         self.settle(set, winner, total);
         Some(winner)
+    }
+
+    /// The peers tying for the lowest `load(i) / weight(i)` among the first `n`
+    /// (at most 64), as a bitmask (bit `i` = peer `i`), for loads that fit in 32
+    /// bits; `load` is called once per peer. `None` for no peers, or when these
+    /// weights keep no scales (see [`SmoothWrr::scale`]): then use
+    /// [`SmoothWrr::pick_least`].
+    ///
+    /// Each load is multiplied by its peer's scale (`lcm / weight`), so comparing
+    /// the products compares the ratios exactly, with no division and no
+    /// 128-bit arithmetic; a lower product starts the set afresh (rare once the
+    /// lowest peers are seen, so the branch predicts well).
+    #[inline]
+    pub(crate) fn lowest_set(&self, n: usize, load: impl Fn(usize) -> u32) -> Option<u64> {
+        let ss = self.scale.get(..n.min(64))?;
+        // Above every product (a 32-bit load times a scale of at most 2^31).
+        let mut low = u64::MAX;
+        let mut set = 0u64;
+        for (i, &s) in ss.iter().enumerate() {
+            let k = u64::from(load(i)) * s;
+            if k <= low {
+                if k < low {
+                    (low, set) = (k, 0);
+                }
+                set |= 1 << i;
+            }
+        }
+        (set != 0).then_some(set)
+    }
+
+    /// Smooth WRR among the peers in `set` (bit `i` = peer `i`; all calm and
+    /// untried, fewer than 65 peers), first on ties, as [`SmoothWrr::pick_among`]
+    /// gives it for calm peers. All peers: [`SmoothWrr::pick_calm`]; one peer:
+    /// that peer, with nothing to record (its current weight would gain its
+    /// weight and give it straight back).
+    #[inline]
+    pub(crate) fn pick_in(&self, set: u64) -> Option<usize> {
+        let n = self.current.len();
+        let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        if set == all {
+            return self.pick_calm();
+        }
+        if set.count_ones() == 1 {
+            let i = set.trailing_zeros() as usize;
+            return (i < n).then_some(i);
+        }
+        let (mut winner, mut winner_c, mut total) = (None, i64::MIN, 0i64);
+        let mut rest = set;
+        while rest != 0 {
+            let i = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            let (Some(cur), Some(&w)) = (self.current.get(i), self.weights.get(i)) else {
+                continue;
+            };
+            let c = cur.load(Relaxed) + w;
+            cur.store(c, Relaxed);
+            total += w;
+            if c > winner_c {
+                (winner, winner_c) = (Some(i), c);
+            }
+        }
+        let i = winner?;
+        if let Some(cur) = self.current.get(i) {
+            cur.store(cur.load(Relaxed) - total, Relaxed);
+        }
+        Some(i)
     }
 
     /// Add each weight to its current weight for the peers in `set` (bit `i` =
@@ -259,6 +355,45 @@ mod tests {
         assert_eq!(wrr.pick_among(&ps, []), None);
         // Out-of-range indices are ignored rather than panicking.
         assert_eq!(wrr.pick_among(&ps, [9]), None);
+    }
+
+    #[test]
+    fn lowest_set_and_pick_in_match_pick_least() {
+        // Same winners and the same WRR state as the cross-multiplied pass, over
+        // random weights and loads (many ties: loads 0..4).
+        let mut rng = fastrand::Rng::with_seed(11);
+        for n in [1usize, 2, 5, 17, 63, 64] {
+            let weights: Vec<u32> = (0..n).map(|_| rng.u32(1..=6)).collect();
+            let ps = peers(&weights);
+            let (fast, slow) = (SmoothWrr::new(&ps), SmoothWrr::new(&ps));
+            for round in 0..500 {
+                let loads: Vec<u32> = (0..n).map(|_| rng.u32(0..4)).collect();
+                let set = fast.lowest_set(n, |i| loads[i]).expect("scales kept");
+                let a = fast.pick_in(set);
+                let b = slow.pick_least(n, |i| u64::from(loads[i]));
+                assert_eq!(a, b, "{n} peers, round {round}, {weights:?}, {loads:?}");
+                let cur = |w: &SmoothWrr| -> Vec<i64> {
+                    w.current.iter().map(|c| c.load(Relaxed)).collect()
+                };
+                assert_eq!(cur(&fast), cur(&slow));
+            }
+        }
+    }
+
+    #[test]
+    fn scales_only_for_a_small_common_multiple() {
+        let ps = peers(&[1, 2, 3, 4]);
+        let wrr = SmoothWrr::new(&ps);
+        assert_eq!(&*wrr.scale, &[12, 6, 4, 3]);
+        assert_eq!(wrr.lowest_set(4, |i| [1, 3, 3, 4][i]), Some(0b1101));
+        // Distinct large primes: the common multiple is far above 2^31.
+        let ps = peers(&[1_000_003, 1_000_033, 1_000_037]);
+        let wrr = SmoothWrr::new(&ps);
+        assert!(wrr.scale.is_empty());
+        assert_eq!(wrr.lowest_set(3, |_| 1), None);
+        assert_eq!(lcm_of(&[4, 6, 10]), Some(60));
+        assert_eq!(lcm_of(&[1 << 31]), Some(1 << 31));
+        assert_eq!(lcm_of(&[1 << 31, 3]), None);
     }
 
     #[test]
