@@ -546,8 +546,10 @@ async fn send_body<I: AsyncWrite + Unpin>(
             {
                 Poll::Ready(f) => f,
                 Poll::Pending => {
-                    // Nothing more yet: send what there is, then wait.
+                    // Nothing more yet: send what there is (through TLS too),
+                    // then wait.
                     io.write_all(&out).await?;
+                    io.flush().await?;
                     out.clear();
                     continue;
                 }

@@ -118,6 +118,40 @@ impl TlsConn {
     }
 }
 
+#[test]
+fn a_streamed_response_body_goes_out_over_tls_as_it_arrives() {
+    let backends = Backends::start(1);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = pki(dir.path());
+    let (_f, addr, _) = tls_ferry(&backends, std::slice::from_ref(&p.a_files));
+    let c = TlsConn::open(addr, "a.test", &p.ca.pem());
+    let TlsConn { rt, mut tx, .. } = c;
+    rt.block_on(async {
+        tx.ready().await.expect("connection open");
+        let req = http::Request::get("/hold")
+            .header("host", "a.test")
+            .body(Empty::new())
+            .expect("request");
+        let resp = tokio::time::timeout(DEADLINE, tx.send_request(req))
+            .await
+            .expect("head in time")
+            .expect("response");
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.into_body();
+        // The first part arrives while the backend still holds the rest back:
+        // ferry does not keep it in its TLS buffer.
+        let first = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .expect("first part before the rest")
+            .expect("a frame")
+            .expect("no error");
+        assert_eq!(first.into_data().expect("data"), "first part\n");
+        backends.get(0).knobs.release.notify_one();
+        let rest = body.collect().await.expect("rest").to_bytes();
+        assert_eq!(rest, "second part\n");
+    });
+}
+
 /// A CA, two leaves (a.test, b.test) written to `dir`.
 struct Pki {
     ca: Ca,
