@@ -1,7 +1,7 @@
 //! ferry's own HTTP/1.1 server loop: pipelining, heads split across packets,
 //! `Connection: close`, the hand-over to hyper for bodies, HTTP/1.0 and
 //! errors on the same connection, response framing and reason phrases, and the
-//! memory an idle keep-alive connection holds.
+//! memory an idle keep-alive connection holds, and garbage heads.
 mod common;
 use common::*;
 
@@ -209,4 +209,58 @@ fn idle_keepalive_connections_hold_little_memory() {
     eprintln!("{per_conn:.2} KiB per idle connection");
     assert!(per_conn < 8.0, "{per_conn:.2} KiB per idle connection");
     drop((warm, conns));
+}
+
+#[test]
+fn garbage_heads_close_their_connection_and_nothing_else() {
+    let (b, f) = setup("client_header_timeout = \"2s\"");
+    let mut rng = fastrand::Rng::with_seed(7);
+    let pieces: [&[u8]; 12] = [
+        b"GET ",
+        b"/x",
+        b" HTTP/1.1",
+        b"\r\n",
+        b"Host: a",
+        b"Content-Length: ",
+        b"0",
+        b"-1",
+        b"Transfer-Encoding: chunked",
+        b":",
+        b"\x00\xff\x80",
+        b"Connection: upgrade",
+    ];
+    for _ in 0..200 {
+        let mut head = Vec::new();
+        for _ in 0..rng.usize(1..24) {
+            head.extend_from_slice(pieces[rng.usize(..pieces.len())]);
+        }
+        head.extend_from_slice(b"\r\n\r\n");
+        let mut s = TcpStream::connect(f.addr).expect("connect");
+        s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        s.write_all(&head).expect("send");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        // An answer or a close, never a hang past the header timeout.
+        let mut sink = Vec::new();
+        if let Err(e) = s.read_to_end(&mut sink) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "no answer and no close for {:?}",
+                String::from_utf8_lossy(&head)
+            );
+        }
+        if !sink.is_empty() {
+            assert!(
+                sink.starts_with(b"HTTP/1.1 "),
+                "{:?}",
+                String::from_utf8_lossy(&sink)
+            );
+        }
+    }
+    let mut c = RawConn::connect(f.addr);
+    let r = c.request("GET", "/echo", &[]);
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(b.get(0).served.load(Relaxed) >= 1);
 }
