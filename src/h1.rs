@@ -102,7 +102,7 @@ enum Outcome {
     Http2(BytesMut),
 }
 
-/// Timeouts and the shutdown signal, as read when the connection opened.
+/// The client timeouts, as configured when the connection opened (ms).
 struct Limits {
     header_ms: u64,
     keepalive_ms: u64,
