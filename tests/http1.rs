@@ -10,20 +10,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-/// One backend, one ferry in front of it.
-fn setup(server_extra: &str) -> (Backends, Ferry) {
-    let b = Backends::start(1);
-    let f = Ferry::start(&ferry_config(
-        server_extra,
-        "",
-        &upstream("app", &[b.get(0)]),
-    ));
-    (b, f)
-}
-
 #[test]
 fn pipelined_requests_are_answered_in_order() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     c.send(
         b"GET /echo?n=1 HTTP/1.1\r\nHost: a\r\n\r\n\
@@ -50,7 +39,7 @@ fn pipelined_requests_are_answered_in_order() {
 
 #[test]
 fn a_head_that_arrives_a_byte_at_a_time_is_served() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     for byte in b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Slow: yes\r\n\r\n" {
         c.send(&[*byte]);
@@ -63,7 +52,7 @@ fn a_head_that_arrives_a_byte_at_a_time_is_served() {
 
 #[test]
 fn bodies_http10_and_errors_after_simple_requests_on_one_connection() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let before = stub_accepts(&f.admin_get("/stub_status"));
     let mut c = RawConn::connect(f.addr);
     let r = c.request("GET", "/echo", &[]);
@@ -107,7 +96,7 @@ fn bodies_http10_and_errors_after_simple_requests_on_one_connection() {
 
 #[test]
 fn connection_close_is_answered_in_kind_and_closes() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     let r = c.request("GET", "/echo", &[("Connection", "close")]);
     assert_eq!(r.status, 200, "{}", r.head);
@@ -115,7 +104,7 @@ fn connection_close_is_answered_in_kind_and_closes() {
     assert!(c.wait_closed(DEADLINE).is_some(), "still open");
 
     // keepalive_timeout = 0 turns keep-alive off: every answer says close.
-    let (_b, f) = setup("keepalive_timeout = \"0s\"");
+    let (_b, f) = one_backend("keepalive_timeout = \"0s\"");
     let mut c = RawConn::connect(f.addr);
     let r = c.request("GET", "/echo", &[]);
     assert_eq!(r.header("connection"), Some("close"), "{}", r.head);
@@ -178,7 +167,7 @@ fn framing_and_reason_phrases_come_through() {
 
 #[test]
 fn idle_keepalive_connections_hold_little_memory() {
-    let (_b, f) = setup("max_connections = 4096");
+    let (_b, f) = one_backend("max_connections = 4096");
     let n = 1000;
     let open = |n: usize| -> Vec<TcpStream> {
         (0..n)
@@ -213,7 +202,7 @@ fn idle_keepalive_connections_hold_little_memory() {
 
 #[test]
 fn garbage_heads_close_their_connection_and_nothing_else() {
-    let (b, f) = setup("client_header_timeout = \"2s\"");
+    let (b, f) = one_backend("client_header_timeout = \"2s\"");
     let mut rng = fastrand::Rng::with_seed(7);
     let pieces: [&[u8]; 12] = [
         b"GET ",

@@ -6,17 +6,6 @@ use common::*;
 
 use std::sync::atomic::Ordering::Relaxed;
 
-/// One backend, one ferry in front of it.
-fn setup(server_extra: &str) -> (Backends, Ferry) {
-    let b = Backends::start(1);
-    let f = Ferry::start(&ferry_config(
-        server_extra,
-        "",
-        &upstream("app", &[b.get(0)]),
-    ));
-    (b, f)
-}
-
 /// A file of `n` bytes in `dir`.
 fn body_file(dir: &std::path::Path, n: usize) -> String {
     let path = dir.join(format!("body-{n}"));
@@ -27,7 +16,7 @@ fn body_file(dir: &std::path::Path, n: usize) -> String {
 
 #[test]
 fn request_bodies_arrive_whole_with_content_length_and_chunked() {
-    let (b, f) = setup("client_max_body_size = \"64MiB\"");
+    let (b, f) = one_backend("client_max_body_size = \"64MiB\"");
     let n = 20 * 1024 * 1024;
     let file = format!("@{}", body_file(f.dir.path(), n));
 
@@ -50,7 +39,7 @@ fn request_bodies_arrive_whole_with_content_length_and_chunked() {
 
 #[test]
 fn a_chunked_request_body_is_forwarded_before_it_ends() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     let first = vec![b'a'; 1000];
     c.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
@@ -72,7 +61,7 @@ fn a_chunked_request_body_is_forwarded_before_it_ends() {
 
 #[test]
 fn a_response_body_streams_before_the_backend_finishes() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     c.send(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n");
     let head = c.read_head();
@@ -92,7 +81,7 @@ fn a_response_body_streams_before_the_backend_finishes() {
 
 #[test]
 fn large_response_bodies_arrive_whole() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let n = 30 * 1024 * 1024;
     let (code, out, err) = curl(&[
         "-o",
@@ -107,7 +96,7 @@ fn large_response_bodies_arrive_whole() {
 
 #[test]
 fn hop_by_hop_request_headers_are_not_forwarded() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     let r = c.request(
         "GET",
@@ -149,7 +138,7 @@ fn hop_by_hop_request_headers_are_not_forwarded() {
 
 #[test]
 fn hop_by_hop_response_headers_are_not_returned() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     *b.get(0).knobs.extra_headers.lock().unwrap() = vec![
         ("Connection".into(), "X-Backend-Hop".into()),
         ("X-Backend-Hop".into(), "1".into()),
@@ -188,7 +177,7 @@ fn hop_by_hop_response_headers_are_not_returned() {
 
 #[test]
 fn forwarded_headers_are_set_and_host_passes_through() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     c.send(
         b"GET /echo?a=1 HTTP/1.1\r\nHost: shop.example.test:8443\r\n\
@@ -230,7 +219,7 @@ fn forwarded_headers_are_set_and_host_passes_through() {
 
 #[test]
 fn expect_100_continue_works_end_to_end() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     let n = 200_000;
     let file = format!("@{}", body_file(f.dir.path(), n));
     let (code, out, err) = curl(&[
@@ -255,7 +244,7 @@ fn expect_100_continue_works_end_to_end() {
 
 #[test]
 fn head_204_and_304_have_no_body_and_keep_the_connection() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let before = stub_accepts(&f.admin_get("/stub_status"));
     let mut c = RawConn::connect(f.addr);
 
@@ -291,7 +280,7 @@ fn head_204_and_304_have_no_body_and_keep_the_connection() {
 
 #[test]
 fn websocket_upgrade_tunnels_bytes_both_ways() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     c.send(
         b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
@@ -323,7 +312,7 @@ fn websocket_upgrade_tunnels_bytes_both_ways() {
 
 #[test]
 fn an_upgrade_the_backend_declines_is_a_normal_exchange() {
-    let (_b, f) = setup("");
+    let (_b, f) = one_backend("");
     let mut c = RawConn::connect(f.addr);
     let r = c.request(
         "GET",

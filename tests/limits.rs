@@ -8,16 +8,6 @@ use std::net::TcpStream;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-fn setup(server_extra: &str) -> (Backends, Ferry) {
-    let b = Backends::start(1);
-    let f = Ferry::start(&ferry_config(
-        server_extra,
-        "",
-        &upstream("app", &[b.get(0)]),
-    ));
-    (b, f)
-}
-
 /// Asserts `took` is within [lo, hi]: the timeout fired, not too early, not much late.
 fn assert_between(took: Option<Duration>, lo: Duration, hi: Duration, what: &str) {
     let took = took.unwrap_or_else(|| panic!("{what}: still open after {hi:?}"));
@@ -29,7 +19,7 @@ fn assert_between(took: Option<Duration>, lo: Duration, hi: Duration, what: &str
 
 #[test]
 fn a_partial_request_head_is_closed_after_client_header_timeout() {
-    let (b, f) = setup("client_header_timeout = \"1s\"");
+    let (b, f) = one_backend("client_header_timeout = \"1s\"");
     let mut partial = RawConn::connect(f.addr);
     partial.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ");
     let mut silent = RawConn::connect(f.addr);
@@ -51,7 +41,7 @@ fn a_partial_request_head_is_closed_after_client_header_timeout() {
 
 #[test]
 fn a_trickled_request_head_does_not_reset_the_header_timer() {
-    let (_b, f) = setup("client_header_timeout = \"1s\"");
+    let (_b, f) = one_backend("client_header_timeout = \"1s\"");
     let mut c = RawConn::connect(f.addr);
     c.send(b"GET / HTTP/1.1\r\nHost: x\r\n");
     // Slowloris: one header byte every 200 ms, forever.
@@ -77,7 +67,7 @@ fn a_trickled_request_head_does_not_reset_the_header_timer() {
 
 #[test]
 fn an_idle_keepalive_connection_is_closed_after_keepalive_timeout() {
-    let (_b, f) = setup("keepalive_timeout = \"1s\"\nclient_header_timeout = \"10s\"");
+    let (_b, f) = one_backend("keepalive_timeout = \"1s\"\nclient_header_timeout = \"10s\"");
     let mut c = RawConn::connect(f.addr);
     // Requests 400 ms apart keep it open well past 1 s: the timer is per idle spell.
     let start = Instant::now();
@@ -103,7 +93,7 @@ fn an_idle_keepalive_connection_is_closed_after_keepalive_timeout() {
 
 #[test]
 fn a_request_head_over_64_kib_gets_431() {
-    let (b, f) = setup("");
+    let (b, f) = one_backend("");
     let big = "a".repeat(70 * 1024);
     let (status, body) = http_get(f.addr, "/", &[("X-Big", &big)]);
     assert_eq!(status, 431, "{body}");
@@ -135,7 +125,7 @@ fn post(f: &Ferry, n: usize, chunked: bool) -> (String, String) {
 
 #[test]
 fn a_body_over_client_max_body_size_gets_413() {
-    let (b, f) = setup("client_max_body_size = \"1KiB\"");
+    let (b, f) = one_backend("client_max_body_size = \"1KiB\"");
     let backend = b.get(0);
     for chunked in [false, true] {
         let (status, body) = post(&f, 1024, chunked);
@@ -164,7 +154,7 @@ fn a_body_over_client_max_body_size_gets_413() {
 
 #[test]
 fn a_client_that_sends_its_whole_body_before_reading_still_gets_the_413() {
-    let (b, f) = setup("client_max_body_size = \"1KiB\"");
+    let (b, f) = one_backend("client_max_body_size = \"1KiB\"");
     for chunked in [false, true] {
         let n = 16 * 1024 * 1024;
         let mut c = RawConn::connect(f.addr);
@@ -214,7 +204,7 @@ fn a_client_that_sends_its_whole_body_before_reading_still_gets_the_413() {
 
 #[test]
 fn max_connections_holds_and_the_daemon_survives() {
-    let (_b, f) = setup("max_connections = 50");
+    let (_b, f) = one_backend("max_connections = 50");
     let admin = f.admin.expect("admin");
     let held: Vec<TcpStream> = (0..300)
         .map(|_| TcpStream::connect(f.addr).expect("connect (backlog)"))

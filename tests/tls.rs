@@ -102,20 +102,28 @@ impl TlsConn {
     fn get(&mut self, path: &str) -> (u16, String) {
         let tx = &mut self.tx;
         self.rt.block_on(async {
-            tx.ready().await.expect("connection still open");
-            let req = http::Request::get(path)
-                .header("host", "a.test")
-                .body(Empty::new())
-                .expect("request");
-            let resp = tokio::time::timeout(DEADLINE, tx.send_request(req))
-                .await
-                .expect("answered in time")
-                .expect("response");
+            let resp = send_get(tx, path).await;
             let status = resp.status().as_u16();
             let body = resp.into_body().collect().await.expect("body").to_bytes();
             (status, String::from_utf8_lossy(&body).to_string())
         })
     }
+}
+
+/// GET `path` for host a.test on `tx`: the response head, its body unread.
+async fn send_get(
+    tx: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> http::Response<hyper::body::Incoming> {
+    tx.ready().await.expect("connection still open");
+    let req = http::Request::get(path)
+        .header("host", "a.test")
+        .body(Empty::new())
+        .expect("request");
+    tokio::time::timeout(DEADLINE, tx.send_request(req))
+        .await
+        .expect("answered in time")
+        .expect("response")
 }
 
 #[test]
@@ -127,15 +135,7 @@ fn a_streamed_response_body_goes_out_over_tls_as_it_arrives() {
     let c = TlsConn::open(addr, "a.test", &p.ca.pem());
     let TlsConn { rt, mut tx, .. } = c;
     rt.block_on(async {
-        tx.ready().await.expect("connection open");
-        let req = http::Request::get("/hold")
-            .header("host", "a.test")
-            .body(Empty::new())
-            .expect("request");
-        let resp = tokio::time::timeout(DEADLINE, tx.send_request(req))
-            .await
-            .expect("head in time")
-            .expect("response");
+        let resp = send_get(&mut tx, "/hold").await;
         assert_eq!(resp.status(), 200);
         let mut body = resp.into_body();
         // The first part arrives while the backend still holds the rest back:

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use ferry::demo::Backend;
 
-use super::DEADLINE;
+use super::{Backends, DEADLINE, Ferry};
 
 /// One response read off a [`RawConn`].
 #[derive(Debug, Clone)]
@@ -230,6 +230,17 @@ pub fn ferry_config(server_extra: &str, log: &str, rest: &str) -> String {
         "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n{server_extra}\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n[log]\n{log}\n\n{rest}\n"
     )
+}
+
+/// One backend and a ferry in front of it, with `server_extra` lines in `[server]`.
+pub fn one_backend(server_extra: &str) -> (Backends, Ferry) {
+    let b = Backends::start(1);
+    let f = Ferry::start(&ferry_config(
+        server_extra,
+        "",
+        &upstream("app", &[b.get(0)]),
+    ));
+    (b, f)
 }
 
 /// An `[[upstream]]` named `name` over these backends.
