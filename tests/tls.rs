@@ -152,6 +152,11 @@ fn a_streamed_response_body_goes_out_over_tls_as_it_arrives() {
     });
 }
 
+/// An upstream "app" with these extra keys over one server at `addr`.
+fn app_upstream(keys: &str, addr: SocketAddr) -> String {
+    format!("[[upstream]]\nname = \"app\"\n{keys}\n[[upstream.server]]\naddr = \"{addr}\"\n")
+}
+
 /// A CA, two leaves (a.test, b.test) written to `dir`.
 struct Pki {
     ca: Ca,
@@ -628,11 +633,12 @@ fn https_upstream_verification_failure_is_a_connect_error() {
     let cfg = ferry_config(
         "",
         "format = \"json\"\naccess = \"stdout\"",
-        &format!(
-            "[[upstream]]\nname = \"app\"\nscheme = \"https\"\ntls_ca_file = \"{}\"\n\
-             [[upstream.server]]\naddr = \"{}\"\n",
-            p.ca_file.display(),
-            wrong.addr
+        &app_upstream(
+            &format!(
+                "scheme = \"https\"\ntls_ca_file = \"{}\"",
+                p.ca_file.display()
+            ),
+            wrong.addr,
         ),
     );
     let f = Ferry::start(&cfg);
@@ -646,11 +652,7 @@ fn https_upstream_verification_failure_is_a_connect_error() {
     let cfg = ferry_config(
         "",
         "",
-        &format!(
-            "[[upstream]]\nname = \"app\"\nscheme = \"https\"\ntls_verify = false\n\
-             [[upstream.server]]\naddr = \"{}\"\n",
-            wrong.addr
-        ),
+        &app_upstream("scheme = \"https\"\ntls_verify = false", wrong.addr),
     );
     let f = Ferry::start(&cfg);
     assert_eq!(http_get(f.addr, "/", &[]).0, 200);
@@ -667,11 +669,9 @@ fn h2_upstream_refuses_a_server_without_alpn_h2() {
     let cfg = ferry_config(
         "",
         "",
-        &format!(
-            "[[upstream]]\nname = \"app\"\nscheme = \"h2\"\ntls_ca_file = \"{}\"\n\
-             [[upstream.server]]\naddr = \"{}\"\n",
-            p.ca_file.display(),
-            h1_only.addr
+        &app_upstream(
+            &format!("scheme = \"h2\"\ntls_ca_file = \"{}\"", p.ca_file.display()),
+            h1_only.addr,
         ),
     );
     let f = Ferry::start(&cfg);
