@@ -15,7 +15,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use hyper::client::conn::http1::{self, SendRequest};
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
@@ -25,23 +24,14 @@ use crate::body::ReqBody;
 use crate::config::UpstreamTls;
 use crate::peer::Peer;
 use crate::tls::ClientTls;
+pub use crate::upstream_h1::Conn;
+use crate::upstream_h1::UpIo;
 
 /// How often a worker sweeps its pool for expired or closed idle connections.
 const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// An upstream connection, checked out of the pool (or new).
-#[derive(Debug)]
-pub struct Conn {
-    /// The request sender.
-    pub tx: SendRequest<ReqBody>,
-    /// True when it was opened for this request (not reused).
-    pub fresh: bool,
-    /// How long it sat idle in the pool before this use.
-    pub idle: Duration,
-}
-
 struct Idle {
-    tx: SendRequest<ReqBody>,
+    conn: Conn,
     since: Instant,
     peer: Arc<Peer>,
     timeout: Duration,
@@ -97,7 +87,7 @@ pub enum ConnectError {
     /// The TLS handshake with an `https` peer failed (its certificate did not
     /// verify, say).
     Tls(io::Error),
-    /// The HTTP handshake failed.
+    /// The HTTP/2 handshake failed.
     Handshake(hyper::Error),
 }
 
@@ -118,16 +108,14 @@ pub fn checkout(peer: &Peer) -> Option<Conn> {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.get_mut(&peer.id)?;
         let now = Instant::now();
-        while let Some(idle) = list.pop() {
+        while let Some(mut idle) = list.pop() {
             peer.idle_conns.fetch_sub(1, Relaxed);
-            if idle.tx.is_closed() || now.duration_since(idle.since) >= idle.timeout {
+            if now.duration_since(idle.since) >= idle.timeout || !idle.conn.is_usable() {
                 continue;
             }
-            return Some(Conn {
-                tx: idle.tx,
-                fresh: false,
-                idle: now.duration_since(idle.since),
-            });
+            idle.conn.fresh = false;
+            idle.conn.idle = now.duration_since(idle.since);
+            return Some(idle.conn);
         }
         None
     })
@@ -135,8 +123,8 @@ pub fn checkout(peer: &Peer) -> Option<Conn> {
 
 /// Give a connection back after its response ended. It is closed instead when the
 /// peer already has `max_idle` idle connections or keep-alive is off.
-pub fn checkin(peer: &Arc<Peer>, tx: SendRequest<ReqBody>, max_idle: usize, timeout: Duration) {
-    if tx.is_closed() || max_idle == 0 || timeout.is_zero() {
+pub fn checkin(peer: &Arc<Peer>, conn: Conn, max_idle: usize, timeout: Duration) {
+    if max_idle == 0 || timeout.is_zero() {
         return;
     }
     if peer.idle_conns.fetch_add(1, Relaxed) as usize >= max_idle {
@@ -146,7 +134,7 @@ pub fn checkin(peer: &Arc<Peer>, tx: SendRequest<ReqBody>, max_idle: usize, time
     let start_sweeper = POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         pool.idle.entry(peer.id).or_default().push(Idle {
-            tx,
+            conn,
             since: Instant::now(),
             peer: Arc::clone(peer),
             timeout,
@@ -323,8 +311,8 @@ fn sweep() {
         let mut pool = pool.borrow_mut();
         let now = Instant::now();
         pool.idle.retain(|_, list| {
-            list.retain(|idle| {
-                let keep = !idle.tx.is_closed() && now.duration_since(idle.since) < idle.timeout;
+            list.retain_mut(|idle| {
+                let keep = now.duration_since(idle.since) < idle.timeout && idle.conn.is_usable();
                 if !keep {
                     idle.peer.idle_conns.fetch_sub(1, Relaxed);
                 }
@@ -354,31 +342,9 @@ pub async fn connect(
 ) -> Result<Conn, ConnectError> {
     let deadline = Instant::now() + timeout;
     let stream = dial(peer, deadline).await?;
-    let tx = match tls {
-        None => handshake(stream).await?,
-        Some(tls) => handshake(tls_hello(tls, peer, stream, deadline).await?).await?,
+    let io = match tls {
+        None => UpIo::Plain(stream),
+        Some(tls) => UpIo::Tls(Box::new(tls_hello(tls, peer, stream, deadline).await?)),
     };
-    Ok(Conn {
-        tx,
-        fresh: true,
-        idle: Duration::ZERO,
-    })
-}
-
-/// Start HTTP/1.1 on a connected stream; its connection task runs on this worker.
-async fn handshake<I>(io: I) -> Result<SendRequest<ReqBody>, ConnectError>
-where
-    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (tx, conn) = http1::Builder::new()
-        .preserve_header_case(false)
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(ConnectError::Handshake)?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    Ok(tx)
+    Ok(Conn::new(io))
 }

@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod upstream_h1;

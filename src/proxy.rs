@@ -27,6 +27,7 @@ use crate::conn::ConnState;
 use crate::metrics::Metrics;
 use crate::peer::{FailReason, InFlight, Peer, Tried, now_ms};
 use crate::runtime::{Runtime, Upstream, reset_all_fails};
+use crate::upstream_h1::{self, H1Body, Home, SendError};
 
 /// What every connection of the process shares.
 #[derive(Debug)]
@@ -184,7 +185,7 @@ pub struct RespBody {
 
 enum Kind {
     Upstream {
-        body: Incoming,
+        body: UpBody,
         read_timeout: Duration,
         timer: Option<Pin<Box<Sleep>>>,
         progress: bool,
@@ -195,6 +196,44 @@ enum Kind {
 impl std::fmt::Debug for RespBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RespBody").finish_non_exhaustive()
+    }
+}
+
+/// A response body from an upstream: read by ferry's HTTP/1.1 client, or by
+/// hyper's HTTP/2 client.
+enum UpBody {
+    H1(H1Body),
+    H2(Incoming),
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::H1(b) => Pin::new(b).poll_frame(cx),
+            UpBody::H2(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map_err(|e| Box::new(e) as BoxError),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::H1(b) => b.is_end_stream(),
+            UpBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::H1(b) => b.size_hint(),
+            UpBody::H2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -250,7 +289,7 @@ impl Body for RespBody {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     this.finish(false);
-                    Poll::Ready(Some(Err(Box::new(e))))
+                    Poll::Ready(Some(Err(e)))
                 }
                 Poll::Ready(None) => {
                     this.finish(true);
@@ -312,12 +351,12 @@ impl Drop for RespBody {
 
 use std::future::Future as _;
 
-/// Bookkeeping when a response ends (complete or not): pooled connection back,
-/// in-flight slot released, metrics, access log, connection state.
+/// Bookkeeping when a response ends (complete or not): in-flight slot
+/// released, metrics, access log, connection state. (A pooled upstream
+/// connection goes back as soon as its response body has been read.)
 struct Done {
     ctx: Arc<Ctx>,
     up: Option<Arc<Upstream>>,
-    conn: Option<(Arc<Peer>, hyper::client::conn::http1::SendRequest<ReqBody>)>,
     _guard: Option<InFlight>,
     start: Instant,
     status: u16,
@@ -330,9 +369,6 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
-        if let (true, Some(up), Some((peer, tx))) = (self.complete, &self.up, self.conn.take()) {
-            client::checkin(&peer, tx, up.cfg.keepalive, up.cfg.keepalive_timeout);
-        }
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
         if let Some(up) = &self.up
@@ -380,7 +416,7 @@ enum AttemptError {
     /// No response headers within `read_timeout`.
     Timeout,
     /// The connection failed after (part of) the request was sent.
-    Io(hyper::Error),
+    Io(UpError),
     /// The request body exceeded `client_max_body_size`.
     TooLarge,
     /// The client's request body failed (client went away).
@@ -394,7 +430,7 @@ impl AttemptError {
                 FailReason::Timeout
             }
             AttemptError::Connect(_) => FailReason::Connect,
-            AttemptError::Io(e) if e.is_parse() => FailReason::InvalidHeader,
+            AttemptError::Io(e) if e.is_invalid() => FailReason::InvalidHeader,
             _ => FailReason::Error,
         }
     }
@@ -412,6 +448,32 @@ impl std::fmt::Display for AttemptError {
             AttemptError::Io(e) => write!(f, "{e}"),
             AttemptError::TooLarge => f.write_str("request body too large"),
             AttemptError::ClientBody => f.write_str("client request body failed"),
+        }
+    }
+}
+
+/// How an exchange with an upstream failed, by the client that ran it.
+#[derive(Debug)]
+enum UpError {
+    H1(SendError),
+    H2(hyper::Error),
+}
+
+impl UpError {
+    /// The response head was invalid (nginx's `invalid_header`).
+    fn is_invalid(&self) -> bool {
+        match self {
+            UpError::H1(e) => e.is_invalid(),
+            UpError::H2(e) => e.is_parse(),
+        }
+    }
+}
+
+impl std::fmt::Display for UpError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpError::H1(e) => e.fmt(f),
+            UpError::H2(e) => e.fmt(f),
         }
     }
 }
@@ -435,7 +497,6 @@ pub async fn handle(
     let mut done = Done {
         ctx: Arc::clone(&ctx),
         up: None,
-        conn: None,
         _guard: None,
         start,
         status: 0,
@@ -958,7 +1019,7 @@ async fn forward(
         let took = t0.elapsed();
         let now = now_ms();
         match result {
-            Ok((resp, tx)) => {
+            Ok(resp) => {
                 let status = resp.status();
                 peer.stats.count_status(status.as_u16());
                 if done.log.is_some() {
@@ -987,7 +1048,7 @@ async fn forward(
                     tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
                 }
-                return respond(up, peer, guard, resp, tx, client_upgrade, done);
+                return respond(up, guard, resp, client_upgrade, done);
             }
             Err(e) => {
                 if let AttemptError::TooLarge = e {
@@ -1178,27 +1239,6 @@ fn held_out_by_max_conns_only(p: &Peer) -> bool {
 /// ferry kept) is sent again, once, on a new connection.
 const IDLE_CLOSE_SUSPECT: Duration = Duration::from_millis(250);
 
-/// The peer closed the connection before sending any byte of a response.
-fn closed_before_response(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        return true;
-    }
-    let mut cur = std::error::Error::source(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::BrokenPipe
-                    | std::io::ErrorKind::ConnectionAborted
-                    | std::io::ErrorKind::UnexpectedEof
-            );
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// One attempt on one peer: a pooled connection (or a new one), the request, the
 /// response head. A pooled connection that turns out closed before the request
 /// left is replaced by a fresh one transparently; so is one the peer closed just
@@ -1211,18 +1251,12 @@ async fn attempt(
     template: Option<&Request<ReqBody>>,
     idempotent: bool,
     started: &Arc<AtomicU64>,
-) -> Result<
-    (
-        Response<Incoming>,
-        Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
-    ),
-    AttemptError,
-> {
+) -> Result<Response<UpBody>, AttemptError> {
     if cfg.scheme.is_h2() {
         // Boxed: inline, its state would grow this future, which HTTP/1.1
         // requests move around too.
         let h2 = Box::pin(attempt_h2(peer, cfg, req, started));
-        return h2.await.map(|r| (r, None));
+        return h2.await.map(|r| r.map(UpBody::H2));
     }
     let mut pooled = client::checkout(peer);
     let mut resent = false;
@@ -1237,54 +1271,49 @@ async fn attempt(
                 connecting.await.map_err(AttemptError::Connect)?
             }
         };
-        if conn.tx.ready().await.is_err() {
-            if conn.fresh {
-                return Err(AttemptError::Connect(ConnectError::Io(
-                    std::io::Error::other("connection closed before the request was sent"),
-                )));
-            }
-            pooled = client::checkout(peer);
-            continue;
-        }
         // Long-idle pooled connections are the ones a peer may be closing right
         // now: keep a copy to resend if no other copy is kept.
         let own_copy =
             (template.is_none() && !conn.fresh && !resent && conn.idle >= IDLE_CLOSE_SUSPECT)
                 .then(|| replay_copy(req))
                 .flatten();
-        let out = std::mem::replace(req, Request::new(ReqBody::Empty));
-        let fut = conn.tx.try_send_request(out);
-        match with_read_timeout(fut, cfg.read_timeout, started).await {
+        let sent = upstream_h1::send(&mut conn, req);
+        let err = match with_read_timeout(sent, cfg.read_timeout, started).await {
             None => return Err(AttemptError::Timeout),
-            Some(Ok(resp)) => return Ok((resp, Some(conn.tx))),
-            Some(Err(mut e)) => {
-                if let Some(back) = e.take_message() {
-                    *req = back;
-                    if !conn.fresh {
-                        // A reused connection the peer closed: nothing was written.
-                        pooled = client::checkout(peer);
-                        continue;
-                    }
-                }
-                let err = e.into_error();
-                if std::error::Error::source(&err).is_some_and(is_body_too_large) {
-                    return Err(AttemptError::TooLarge);
-                }
-                if err.is_user() {
-                    return Err(AttemptError::ClientBody);
-                }
+            Some(Ok(head)) => {
+                let home = Home {
+                    peer: Arc::clone(peer),
+                    max_idle: cfg.keepalive,
+                    timeout: cfg.keepalive_timeout,
+                };
+                return Ok(head.into_response(conn, Some(home)).map(UpBody::H1));
+            }
+            Some(Err(e)) => e,
+        };
+        match err {
+            SendError::NotSent(e) if conn.fresh => {
+                return Err(AttemptError::Connect(ConnectError::Io(e)));
+            }
+            SendError::NotSent(_) => {
+                // A reused connection the peer closed: nothing was written.
+                pooled = client::checkout(peer);
+                continue;
+            }
+            SendError::Body(e) if is_body_too_large(&*e) => return Err(AttemptError::TooLarge),
+            SendError::Body(_) => return Err(AttemptError::ClientBody),
+            e => {
                 if !conn.fresh
                     && !resent
-                    && closed_before_response(&err)
+                    && e.closed_before_response()
                     && (idempotent || conn.idle >= IDLE_CLOSE_SUSPECT)
                     && let Some(again) = template.or(own_copy.as_ref()).and_then(replay_copy)
                 {
-                    tracing::debug!(peer = %peer.addr_str, error = %err, "pooled connection closed under the request; sending it again on a new connection");
+                    tracing::debug!(peer = %peer.addr_str, error = %e, "pooled connection closed under the request; sending it again on a new connection");
                     *req = again;
                     resent = true;
                     continue;
                 }
-                return Err(AttemptError::Io(err));
+                return Err(AttemptError::Io(UpError::H1(e)));
             }
         }
     }
@@ -1345,7 +1374,7 @@ async fn attempt_h2(
                     }
                     return Err(AttemptError::Connect(ConnectError::Handshake(err)));
                 }
-                return Err(AttemptError::Io(err));
+                return Err(AttemptError::Io(UpError::H2(err)));
             }
         }
     }
@@ -1377,39 +1406,25 @@ async fn with_read_timeout<F: std::future::Future>(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn respond(
     up: &Arc<Upstream>,
-    peer: Arc<Peer>,
     guard: InFlight,
-    mut resp: Response<Incoming>,
-    tx: Option<hyper::client::conn::http1::SendRequest<ReqBody>>,
+    resp: Response<UpBody>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     done: &mut Done,
 ) -> Response<Kind> {
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+    let (mut parts, body) = resp.into_parts();
+    if parts.status == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_up) = client_upgrade
+        && let UpBody::H1(body) = body
     {
-        let upstream_up = hyper::upgrade::on(&mut resp);
         let name = up.cfg.name.clone();
-        tokio::spawn(async move {
-            let _guard = guard;
-            match tokio::try_join!(client_up, upstream_up) {
-                Ok((c, u)) => {
-                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
-                    }
-                }
-                Err(e) => tracing::debug!(upstream = %name, error = %e, "upgrade failed"),
-            }
-        });
-        let (parts, _) = resp.into_parts();
+        if let Some((upstream, early)) = body.into_upgraded() {
+            tokio::spawn(tunnel(client_up, upstream, early, guard, name));
+        }
         return Response::from_parts(parts, Kind::Full(None));
     }
-    let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    done.conn = tx.map(|tx| (peer, tx));
     done._guard = Some(guard);
     Response::from_parts(
         parts,
@@ -1420,6 +1435,36 @@ fn respond(
             progress: false,
         },
     )
+}
+
+/// Carry bytes both ways between a client and an upstream after `101
+/// Switching Protocols`; `early` is what the upstream sent right after its
+/// head. The peer's in-flight slot is held until the tunnel closes.
+async fn tunnel(
+    client_up: hyper::upgrade::OnUpgrade,
+    mut upstream: upstream_h1::UpIo,
+    early: Bytes,
+    _guard: InFlight,
+    name: String,
+) {
+    use tokio::io::AsyncWriteExt as _;
+    let client = match client_up.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(upstream = %name, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    if !early.is_empty()
+        && let Err(e) = client.write_all(&early).await
+    {
+        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
+        return;
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(upstream = %name, error = %e, "upgraded connection ended");
+    }
 }
 
 #[cfg(test)]
