@@ -522,13 +522,15 @@ fn skip_interim(buf: &mut BytesMut) -> Result<(), SendError> {
 async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<Head, SendError> {
     let mut answered = false;
     loop {
-        if !buf.is_empty() {
+        while !buf.is_empty() {
             answered = true;
+            let before = buf.len();
             if let Some(head) = parse_head(buf, is_head)? {
                 return Ok(head);
             }
-            if buf.is_empty() {
-                continue;
+            if buf.len() == before {
+                // Not complete yet.
+                break;
             }
         }
         if buf.capacity() - buf.len() < 1024 {
