@@ -37,15 +37,41 @@ struct Idle {
     timeout: Duration,
 }
 
+/// Hashes a peer id (a small counter) with one multiply: the pool is looked
+/// up twice per request, and SipHash's resistance to chosen keys buys nothing
+/// for ids ferry makes itself.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        // Fibonacci hashing: spreads consecutive ids over the high bits the
+        // table uses.
+        self.0 = (n as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type ById<V> = HashMap<usize, V, std::hash::BuildHasherDefault<IdHasher>>;
+
 #[derive(Default)]
 struct Pool {
-    idle: HashMap<usize, Vec<Idle>>,
+    idle: ById<Vec<Idle>>,
     sweeper: bool,
 }
 
 thread_local! {
     static POOL: RefCell<Pool> = RefCell::new(Pool::default());
-    static H2: RefCell<HashMap<usize, Arc<H2Slot>>> = RefCell::new(HashMap::new());
+    static H2: RefCell<ById<Arc<H2Slot>>> = RefCell::new(ById::default());
 }
 
 /// This worker's HTTP/2 connection to one peer. The lock is held while

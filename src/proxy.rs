@@ -869,7 +869,7 @@ fn pick(
 async fn forward(
     ctx: &Arc<Ctx>,
     up: &Arc<Upstream>,
-    req: Request<ClientBody>,
+    mut req: Request<ClientBody>,
     body_limit: u64,
     done: &mut Done,
 ) -> Response<Kind> {
@@ -884,12 +884,13 @@ async fn forward(
         hash_key: &key_buf,
     };
     let mut client_upgrade = None;
-    let mut req = req;
     if req.headers().contains_key(header::UPGRADE) {
         client_upgrade = Some(hyper::upgrade::on(&mut req));
     }
     let started = Arc::new(AtomicU64::new(0));
-    let (req, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
+    // One binding for the request from here on: each new one would take its
+    // own room in this future's state.
+    let (mut req, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
     if !upgrade {
         client_upgrade = None;
     }
@@ -902,10 +903,10 @@ async fn forward(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
         .is_some_and(|n| n <= cfg.retry_buffer);
-    let req = if small && matches!(req.body(), ReqBody::Stream { .. }) {
-        let (parts, body) = req.into_parts();
+    if small && matches!(req.body(), ReqBody::Stream { .. }) {
+        let body = std::mem::replace(req.body_mut(), ReqBody::Empty);
         match body.buffer(cfg.retry_buffer as usize).await {
-            Ok(body) => Request::from_parts(parts, body),
+            Ok(body) => *req.body_mut() = body,
             Err(ReadError::TooLarge) => {
                 done.note = Some("request body larger than client_max_body_size");
                 return full(
@@ -921,9 +922,7 @@ async fn forward(
                 );
             }
         }
-    } else {
-        req
-    };
+    }
     let idempotent = is_idempotent(req.method());
     let n_peers = up.primary.len() + up.backup.len();
     let max_tries = match cfg.next_upstream_tries {
