@@ -105,6 +105,11 @@ impl ReqBody {
         }
     }
 
+    /// Whether the body is empty or was read whole, so it can be sent again.
+    pub fn replayable(&self) -> bool {
+        matches!(self, ReqBody::Empty | ReqBody::Full(_))
+    }
+
     /// A copy that can be sent again, when the body is empty or was read whole.
     pub fn replayable_copy(&self) -> Option<ReqBody> {
         match self {

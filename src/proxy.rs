@@ -933,7 +933,15 @@ async fn forward(
         (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
     // A copy to send again, when a retry could happen and the body allows it.
     let may_pass_on = !cfg.next_upstream.off && max_tries > 1;
-    let template = if may_pass_on { replay_copy(&req) } else { None };
+    // An HTTP/1.1 attempt leaves the request whole (it only reads it), so a body
+    // read whole can go again as it is; an HTTP/2 attempt hands its request to
+    // the stream, so it needs a copy made before.
+    let keeps = !cfg.scheme.is_h2();
+    let template = if may_pass_on && !keeps {
+        replay_copy(&req)
+    } else {
+        None
+    };
 
     let mut tried = (Tried::new(), Tried::new());
     let mut pending = Some(req);
@@ -1006,15 +1014,8 @@ async fn forward(
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(
-            &peer,
-            cfg,
-            &mut req,
-            template.as_ref(),
-            idempotent,
-            &started,
-        )
-        .await;
+        let result = attempt(&peer, cfg, &mut req, idempotent, &started).await;
+        let resendable = template.is_some() || (keeps && req.body().replayable());
         let took = t0.elapsed();
         let now = now_ms();
         match result {
@@ -1034,7 +1035,7 @@ async fn forward(
                     && attempts < max_tries
                     && deadline.is_none_or(|d| Instant::now() < d)
                     && (idempotent || cfg.next_upstream.non_idempotent)
-                    && template.is_some();
+                    && resendable;
                 // nginx counts a listed status against the peer only when it passes
                 // the request on; the answer that goes to the client is a success.
                 if can_retry && status_is_failure(status) {
@@ -1044,6 +1045,9 @@ async fn forward(
                     peer.record_success();
                 }
                 if can_retry {
+                    if keeps {
+                        pending = Some(req);
+                    }
                     tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
                 }
@@ -1103,7 +1107,7 @@ async fn forward(
                     _ => cfg.next_upstream.error,
                 };
                 let sent = !matches!(e, AttemptError::Connect(_));
-                let replayable = pending.is_some() || template.is_some();
+                let replayable = pending.is_some() || resendable;
                 let may_retry = listed
                     && !cfg.next_upstream.off
                     && attempts < max_tries
@@ -1115,8 +1119,9 @@ async fn forward(
                     break;
                 }
                 tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed; passing the request to the next peer");
-                if pending.is_none() && !sent {
-                    // The request never left: it is still ours to send elsewhere.
+                if pending.is_none() && (!sent || (keeps && resendable)) {
+                    // The request never left, or it is whole still (an HTTP/1.1
+                    // attempt only reads it): ours to send elsewhere.
                     pending = Some(req);
                 }
             }
@@ -1247,7 +1252,6 @@ async fn attempt(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
-    template: Option<&Request<ReqBody>>,
     idempotent: bool,
     started: &Arc<AtomicU64>,
 ) -> Result<Response<UpBody>, AttemptError> {
@@ -1270,12 +1274,6 @@ async fn attempt(
                 connecting.await.map_err(AttemptError::Connect)?
             }
         };
-        // Long-idle pooled connections are the ones a peer may be closing right
-        // now: keep a copy to resend if no other copy is kept.
-        let own_copy =
-            (template.is_none() && !conn.fresh && !resent && conn.idle >= IDLE_CLOSE_SUSPECT)
-                .then(|| replay_copy(req))
-                .flatten();
         let sent = upstream_h1::send(&mut conn, req);
         let err = match with_read_timeout(sent, cfg.read_timeout, started).await {
             None => return Err(AttemptError::Timeout),
@@ -1305,10 +1303,10 @@ async fn attempt(
                     && !resent
                     && e.closed_before_response()
                     && (idempotent || conn.idle >= IDLE_CLOSE_SUSPECT)
-                    && let Some(again) = template.or(own_copy.as_ref()).and_then(replay_copy)
+                    && req.body().replayable()
                 {
+                    // Sending only read the request: it goes again as it is.
                     tracing::debug!(peer = %peer.addr_str, error = %e, "pooled connection closed under the request; sending it again on a new connection");
-                    *req = again;
                     resent = true;
                     continue;
                 }
