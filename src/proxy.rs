@@ -701,11 +701,15 @@ fn check_request(
             "request body larger than client_max_body_size",
         ));
     }
-    rt.router.route(request_host(req), req.uri().path()).ok_or((
-        StatusCode::NOT_FOUND,
-        "404 Not Found: no route\n",
-        "no route",
-    ))
+    // With one catch-all route, the Host is not even looked at.
+    rt.router
+        .catch_all()
+        .or_else(|| rt.router.route(request_host(req), req.uri().path()))
+        .ok_or((
+            StatusCode::NOT_FOUND,
+            "404 Not Found: no route\n",
+            "no route",
+        ))
 }
 
 /// Build the request sent upstream: origin-form target, HTTP/1.1, hop-by-hop

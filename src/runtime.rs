@@ -131,6 +131,12 @@ impl Router {
         Router { routes, catch_all }
     }
 
+    /// The upstream every request goes to, when the routes send all of them
+    /// to one.
+    pub fn catch_all(&self) -> Option<usize> {
+        self.catch_all
+    }
+
     /// The upstream index for a host (without port, any case) and path.
     pub fn route(&self, host: &str, path: &str) -> Option<usize> {
         if let Some(u) = self.catch_all {

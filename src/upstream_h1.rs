@@ -621,12 +621,29 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
                 .map(<[u8]>::trim_ascii)
                 .rfind(|t| !t.is_empty())
                 .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+            if code != 101 {
+                // Framing of this hop only: ferry frames the client's copy.
+                continue;
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
+            let mut names_others = false;
             for t in value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
-                close |= t.eq_ignore_ascii_case(b"close");
-                keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
+                if t.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if !t.is_empty() {
+                    names_others = true;
+                }
             }
+            if code != 101 && !names_others {
+                // Said of this hop only, and naming no other field to drop:
+                // left out here rather than removed later.
+                continue;
+            }
+        } else if code != 101 && name.eq_ignore_ascii_case(b"keep-alive") {
+            continue;
         }
         let name = HeaderName::from_bytes(name)
             .map_err(|_| SendError::Invalid("invalid header name".into()))?;
@@ -946,6 +963,38 @@ mod tests {
             .expect("parses")
             .expect("complete");
         assert_eq!(h.state, State::Done, "no body after HEAD");
+    }
+
+    #[test]
+    fn this_hops_fields_are_left_out() {
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              Transfer-Encoding: chunked\r\nX-App: 1\r\n\r\n",
+            false,
+        )
+        .expect("parses")
+        .expect("complete");
+        let names: Vec<&str> = h.parts.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-app"]);
+        assert_eq!(h.state, State::ChunkSize);
+        // A Connection that names other fields stays, for the proxy to drop them.
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nX-Secret: s\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .expect("parses")
+        .expect("complete");
+        assert!(h.parts.headers.contains_key("connection"));
+        assert!(!h.reuse);
+        // After 101 everything stays: the client needs Connection and Upgrade.
+        let h = parse(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n",
+            false,
+        )
+        .expect("parses")
+        .expect("complete");
+        assert!(h.parts.headers.contains_key("connection"));
+        assert!(h.parts.headers.contains_key("upgrade"));
     }
 
     #[test]
