@@ -27,7 +27,7 @@ use crate::conn::ConnState;
 use crate::metrics::Metrics;
 use crate::peer::{FailReason, InFlight, Peer, Tried, now_ms};
 use crate::runtime::{Runtime, Upstream, reset_all_fails};
-use crate::upstream_h1::{self, H1Body, Home, SendError};
+use crate::upstream_h1::{self, Forwarded, H1Body, Home, SendError};
 
 /// What every connection of the process shares.
 #[derive(Debug)]
@@ -72,10 +72,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+use crate::upstream_h1::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
 
 /// What [`strip_hop_by_hop`] found among the headers it removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -713,19 +710,36 @@ fn check_request(
 }
 
 /// Build the request sent upstream: origin-form target, HTTP/1.1, hop-by-hop
-/// headers removed, X-Forwarded-* set. Returns it and whether it is an upgrade.
+/// headers and `Expect` removed, and the X-Forwarded-* and X-Real-IP fields to
+/// set. Those go in the header map for an HTTP/2 upstream; the HTTP/1.1 client
+/// writes them after the map's fields, which saves four insertions per
+/// request. Returns the request, those fields, and whether it is an upgrade.
 fn upstream_request(
     ctx: &Ctx,
     req: Request<ClientBody>,
     limit: u64,
     started: &Arc<AtomicU64>,
     scheme: UpstreamScheme,
-) -> (Request<ReqBody>, bool) {
+) -> (Request<ReqBody>, Forwarded, bool) {
     let (mut parts, body) = req.into_parts();
     let found = strip_hop_by_hop(&mut parts.headers);
     let upgrade = found.upgrade && !scheme.is_h2();
     let h = &mut parts.headers;
-    h.remove(header::EXPECT);
+    // One pass over the names: most requests carry none of the fields ferry
+    // replaces, and every lookup or removal hashes a name.
+    let (mut has_host, mut replaced) = (false, false);
+    for name in h.keys() {
+        if name == header::HOST {
+            has_host = true;
+        } else if name == header::EXPECT
+            || name == X_FORWARDED_FOR
+            || name == X_REAL_IP
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+        {
+            replaced = true;
+        }
+    }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
@@ -738,9 +752,20 @@ fn upstream_request(
     // Every incoming X-Forwarded-For line, joined, then the client (nginx's
     // $proxy_add_x_forwarded_for): a second line must not drop the chain.
     let mut chain: Vec<u8> = Vec::new();
-    for v in h.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
-        chain.extend_from_slice(v.as_bytes());
-        chain.extend_from_slice(b", ");
+    if replaced {
+        for v in h.get_all(&X_FORWARDED_FOR).iter().filter(|v| !v.is_empty()) {
+            chain.extend_from_slice(v.as_bytes());
+            chain.extend_from_slice(b", ");
+        }
+        for name in [
+            &header::EXPECT,
+            &X_FORWARDED_FOR,
+            &X_REAL_IP,
+            &X_FORWARDED_PROTO,
+            &X_FORWARDED_HOST,
+        ] {
+            h.remove(name);
+        }
     }
     let xff = if chain.is_empty() {
         ip_value.clone()
@@ -748,21 +773,24 @@ fn upstream_request(
         chain.extend_from_slice(ip_value.as_bytes());
         HeaderValue::from_bytes(&chain).unwrap_or(ip_value.clone())
     };
-    h.insert(&X_FORWARDED_FOR, xff);
-    h.insert(&X_REAL_IP, ip_value);
-    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(ctx.scheme));
-    let host = h.get(header::HOST).cloned().or_else(|| {
-        parts
+    let host = if has_host {
+        h.get(header::HOST).cloned()
+    } else {
+        let host = parts
             .uri
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    if let Some(host) = host {
-        if !h.contains_key(header::HOST) {
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        if let Some(host) = &host {
             h.insert(header::HOST, host.clone());
         }
-        h.insert(&X_FORWARDED_HOST, host);
-    }
+        host
+    };
+    let fwd = Forwarded {
+        for_chain: xff,
+        real_ip: ip_value,
+        proto: ctx.scheme,
+        host,
+    };
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         let pq = parts
             .uri
@@ -773,13 +801,14 @@ fn upstream_request(
     }
     parts.version = Version::HTTP_11;
     if scheme.is_h2() {
+        fwd.insert_into(&mut parts.headers);
         into_h2(&mut parts, scheme.is_tls());
     }
     let body = match body.into_incoming() {
         None => ReqBody::Empty,
         Some(b) => ReqBody::stream(b, limit, Arc::clone(started)),
     };
-    (Request::from_parts(parts, body), upgrade)
+    (Request::from_parts(parts, body), fwd, upgrade)
 }
 
 /// Turn an HTTP/1.1-shaped upstream request into an HTTP/2 one: the target in
@@ -894,7 +923,7 @@ async fn forward(
     let started = Arc::new(AtomicU64::new(0));
     // One binding for the request from here on: each new one would take its
     // own room in this future's state.
-    let (mut req, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
+    let (mut req, fwd, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
     if !upgrade {
         client_upgrade = None;
     }
@@ -1018,7 +1047,7 @@ async fn forward(
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(&peer, cfg, &mut req, idempotent, &started).await;
+        let result = attempt(&peer, cfg, &mut req, &fwd, idempotent, &started).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let took = t0.elapsed();
         let now = now_ms();
@@ -1256,6 +1285,7 @@ async fn attempt(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
+    fwd: &Forwarded,
     idempotent: bool,
     started: &Arc<AtomicU64>,
 ) -> Result<Response<UpBody>, AttemptError> {
@@ -1278,7 +1308,7 @@ async fn attempt(
                 connecting.await.map_err(AttemptError::Connect)?
             }
         };
-        let sent = upstream_h1::send(&mut conn, req);
+        let sent = upstream_h1::send(&mut conn, req, fwd);
         let err = match with_read_timeout(sent, cfg.read_timeout, started).await {
             None => return Err(AttemptError::Timeout),
             Some(Ok(head)) => {

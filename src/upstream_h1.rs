@@ -46,6 +46,55 @@ const READ_BUF: usize = 8 * 1024;
 /// out in one write.
 const COPY_BODY: usize = 16 * 1024;
 
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub(crate) static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// The fields ferry sets on every request it forwards (the request's own
+/// copies of them were removed).
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// `X-Forwarded-For`: the incoming chain, then the client.
+    pub for_chain: HeaderValue,
+    /// `X-Real-IP`: the client.
+    pub real_ip: HeaderValue,
+    /// `X-Forwarded-Proto`: `http` or `https`.
+    pub proto: &'static str,
+    /// `X-Forwarded-Host`: the request's Host, when it has one.
+    pub host: Option<HeaderValue>,
+}
+
+impl Forwarded {
+    /// Add the fields to a header map (for an HTTP/2 upstream).
+    pub fn insert_into(&self, h: &mut HeaderMap) {
+        h.insert(&X_FORWARDED_FOR, self.for_chain.clone());
+        h.insert(&X_REAL_IP, self.real_ip.clone());
+        h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        if let Some(host) = &self.host {
+            h.insert(&X_FORWARDED_HOST, host.clone());
+        }
+    }
+
+    /// Write the fields into a request head.
+    fn put(&self, out: &mut Vec<u8>) {
+        put_header(
+            out,
+            X_FORWARDED_FOR.as_str().as_bytes(),
+            self.for_chain.as_bytes(),
+        );
+        put_header(out, X_REAL_IP.as_str().as_bytes(), self.real_ip.as_bytes());
+        put_header(
+            out,
+            X_FORWARDED_PROTO.as_str().as_bytes(),
+            self.proto.as_bytes(),
+        );
+        if let Some(host) = &self.host {
+            put_header(out, X_FORWARDED_HOST.as_str().as_bytes(), host.as_bytes());
+        }
+    }
+}
+
 /// The transport under an upstream HTTP/1.1 connection.
 pub enum UpIo {
     /// Plain TCP.
@@ -299,10 +348,14 @@ enum State {
 /// streamed from `req` (which keeps its parts); a response that starts before
 /// the body is all sent stops the sending, as nginx does, and the connection
 /// is then not reused.
-pub async fn send(conn: &mut Conn, req: &mut Request<ReqBody>) -> Result<Head, SendError> {
+pub async fn send(
+    conn: &mut Conn,
+    req: &mut Request<ReqBody>,
+    fwd: &Forwarded,
+) -> Result<Head, SendError> {
     let is_head = req.method() == Method::HEAD;
     let mut out = Vec::with_capacity(512);
-    let chunked = encode_request(req, &mut out);
+    let chunked = encode_request(req, Some(fwd), &mut out);
     let io = &mut conn.io;
     let mut reuse = true;
     let mut buf = BytesMut::with_capacity(READ_BUF);
@@ -334,10 +387,11 @@ pub async fn send(conn: &mut Conn, req: &mut Request<ReqBody>) -> Result<Head, S
     Ok(head)
 }
 
-/// The request line and headers into `out`, with the body's framing. Returns
-/// whether the body is sent chunked. `Content-Length` and `Transfer-Encoding`
-/// from the client are replaced by the framing of the body ferry sends.
-fn encode_request(req: &Request<ReqBody>, out: &mut Vec<u8>) -> bool {
+/// The request line and headers into `out`, then `fwd`'s fields, with the
+/// body's framing. Returns whether the body is sent chunked. `Content-Length`
+/// and `Transfer-Encoding` from the client are replaced by the framing of the
+/// body ferry sends.
+fn encode_request(req: &Request<ReqBody>, fwd: Option<&Forwarded>, out: &mut Vec<u8>) -> bool {
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -357,6 +411,9 @@ fn encode_request(req: &Request<ReqBody>, out: &mut Vec<u8>) -> bool {
             continue;
         }
         put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if let Some(fwd) = fwd {
+        fwd.put(out);
     }
     let mut chunked = false;
     let length = match req.body() {
@@ -1071,12 +1128,29 @@ mod tests {
                 );
             }
             let mut out = Vec::new();
-            let chunked = encode_request(&req, &mut out);
+            let chunked = encode_request(&req, None, &mut out);
             (String::from_utf8(out).expect("text"), chunked)
         };
         let (get, chunked) = encode("GET", ReqBody::Empty, &[("host", "a")]);
         assert_eq!(get, "GET /p?q=1 HTTP/1.1\r\nhost: a\r\n\r\n");
         assert!(!chunked);
+        let mut req = Request::new(ReqBody::Empty);
+        *req.uri_mut() = "/".parse().expect("uri");
+        req.headers_mut()
+            .insert("host", HeaderValue::from_static("a"));
+        let fwd = Forwarded {
+            for_chain: HeaderValue::from_static("10.0.0.1, 127.0.0.1"),
+            real_ip: HeaderValue::from_static("127.0.0.1"),
+            proto: "https",
+            host: Some(HeaderValue::from_static("a")),
+        };
+        let mut out = Vec::new();
+        encode_request(&req, Some(&fwd), &mut out);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+             x-real-ip: 127.0.0.1\r\nx-forwarded-proto: https\r\nx-forwarded-host: a\r\n\r\n"
+        );
         let (post, _) = encode("POST", ReqBody::Empty, &[]);
         assert_eq!(post, "POST /p?q=1 HTTP/1.1\r\ncontent-length: 0\r\n\r\n");
         let (put, _) = encode(
