@@ -111,12 +111,13 @@ def tree(pid):
     return out
 
 
-def cpu_ticks(pid):
+def cpu_ticks(pid, user_only=False):
+    """CPU ticks of a process tree: user + system, or user alone."""
     total = 0
     for p in tree(pid):
         try:
             f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
+            total += int(f[11]) + (0 if user_only else int(f[12]))
         except OSError:
             pass
     return total
@@ -192,9 +193,9 @@ def run_load(cmd, secs, conns, url, extra=()):
             return None
         wrk = ["taskset", "-c", "1", "wrk", "-t1", f"-c{conns}", *extra]
         subprocess.run(wrk + ["-d2s", url], capture_output=True)
-        t0 = cpu_ticks(proc.pid)
+        t0, u0 = cpu_ticks(proc.pid), cpu_ticks(proc.pid, user_only=True)
         out = subprocess.run(wrk + [f"-d{secs}s", "--latency", url], capture_output=True, text=True).stdout
-        t1 = cpu_ticks(proc.pid)
+        t1, u1 = cpu_ticks(proc.pid), cpu_ticks(proc.pid, user_only=True)
     finally:
         stop(proc)
     reqs = int(re.search(r"(\d+) requests in", out).group(1))
@@ -204,6 +205,7 @@ def run_load(cmd, secs, conns, url, extra=()):
         "p50": to_ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1)),
         "p99": to_ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1)),
         "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / reqs * 1e6,
+        "user_us_per_req": (u1 - u0) / os.sysconf("SC_CLK_TCK") / reqs * 1e6,
         "errors": errors,
     }
 
@@ -225,7 +227,8 @@ def run_handshakes(cmd, secs, url, clients=2):
         stop(proc)
     n = sum(int(re.search(r"(\d+) connections in [\d.]+s", o).group(1)) for o in outs)
     return {"rps": n / (w1 - w0), "p50": 0.0, "p99": 0.0,
-            "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / max(n, 1) * 1e6, "errors": []}
+            "us_per_req": (t1 - t0) / os.sysconf("SC_CLK_TCK") / max(n, 1) * 1e6, "user_us_per_req": 0.0,
+            "errors": []}
 
 
 def run_idle(cmd, n, url):
@@ -334,18 +337,22 @@ def main():
                         sys.exit(f"{n} did not answer on {url}")
                     res[(label, n)].append(m)
                     print(f"round {r+1} {label[:10]:10} {n:10} rps={m['rps']:.0f} p50={m['p50']:.2f}ms "
-                          f"p99={m['p99']:.2f}ms cpu={m['us_per_req']:.2f}us/req {' '.join(m['errors'])}",
+                          f"p99={m['p99']:.2f}ms cpu={m['us_per_req']:.2f}us/req "
+                          f"(user {m['user_us_per_req']:.2f}) {' '.join(m['errors'])}",
                           flush=True)
         for label, _ in loads:
             med = {n: {k: statistics.median(x[k] for x in res[(label, n)])
-                       for k in ("rps", "p50", "p99", "us_per_req")} for n, _ in cands}
+                       for k in ("rps", "p50", "p99", "us_per_req", "user_us_per_req")} for n, _ in cands}
             print(f"\n{label}: medians over {a.rounds} rounds ({a.conns} connections, {a.secs}s each)")
-            print(f"{'proxy':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} | vs nginx: req/s  cpu/req    p99")
+            print(f"{'proxy':10} {'req/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us/req':>10} {'user':>6} "
+                  f"| vs nginx: req/s  cpu/req    p99   user")
             b = med["nginx"]
             for n, m in med.items():
-                print(f"{n:10} {m['rps']:9.0f} {m['p50']:7.2f} {m['p99']:7.2f} {m['us_per_req']:10.2f} | "
+                print(f"{n:10} {m['rps']:9.0f} {m['p50']:7.2f} {m['p99']:7.2f} {m['us_per_req']:10.2f} "
+                      f"{m['user_us_per_req']:6.2f} | "
                       f"{m['rps'] / b['rps']:14.2f} {m['us_per_req'] / max(b['us_per_req'], 1e-9):8.2f} "
-                      f"{m['p99'] / max(b['p99'], 1e-9):6.2f}")
+                      f"{m['p99'] / max(b['p99'], 1e-9):6.2f} "
+                      f"{m['user_us_per_req'] / max(b['user_us_per_req'], 1e-9):6.2f}")
     finally:
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait()
