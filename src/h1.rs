@@ -362,9 +362,9 @@ fn build(
     spans: &[Span],
 ) -> Option<Request<ClientBody>> {
     let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize)).ok()?;
-    // Room for the X-Forwarded-* and X-Real-IP fields the proxy adds, so that
-    // adding them does not grow (rehash) the map.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 6);
+    // Exactly the fields read: the proxy's own (X-Forwarded-*, X-Real-IP) are
+    // written by the upstream client, not added to this map.
+    let mut headers = HeaderMap::with_capacity(spans.len());
     for s in spans {
         let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize]).ok()?;
         let value =
