@@ -923,7 +923,15 @@ async fn forward(
     let started = Arc::new(AtomicU64::new(0));
     // One binding for the request from here on: each new one would take its
     // own room in this future's state.
-    let (mut req, fwd, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
+    // The request to send next, when there is one. Built in a block so that no
+    // other binding holds it: each would take its own room in this future.
+    let (mut pending, fwd, upgrade) = {
+        let (r, fwd, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
+        (Some(r), fwd, upgrade)
+    };
+    let Some(req) = pending.as_mut() else {
+        return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
+    };
     if !upgrade {
         client_upgrade = None;
     }
@@ -970,17 +978,19 @@ async fn forward(
     // read whole can go again as it is; an HTTP/2 attempt hands its request to
     // the stream, so it needs a copy made before.
     let keeps = !cfg.scheme.is_h2();
+    // Boxed: only HTTP/2 upstreams need it, and inline it would take room in
+    // every request's future.
     let template = if may_pass_on && !keeps {
-        replay_copy(&req)
+        replay_copy(req).map(Box::new)
     } else {
         None
     };
 
     let mut tried = (Tried::new(), Tried::new());
-    let mut pending = Some(req);
     let mut attempts = 0usize;
     let mut panicked = false;
-    let mut last: Option<Response<Kind>> = None;
+    // The answer for the client if no attempt succeeds: the last failure's.
+    let mut last: Option<(StatusCode, &'static str)> = None;
 
     loop {
         let picked = match pick(up, ctx.worker, &key, &mut tried) {
@@ -1036,10 +1046,10 @@ async fn forward(
             break;
         };
         attempts += 1;
-        let Some(mut req) = pending
-            .take()
-            .or_else(|| template.as_ref().and_then(replay_copy))
-        else {
+        if pending.is_none() {
+            pending = template.as_deref().and_then(replay_copy);
+        }
+        let Some(req) = pending.as_mut() else {
             break;
         };
         if attempts > 1 {
@@ -1047,7 +1057,7 @@ async fn forward(
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(&peer, cfg, &mut req, &fwd, idempotent, &started).await;
+        let result = attempt(&peer, cfg, req, &fwd, idempotent, &started).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let took = t0.elapsed();
         let now = now_ms();
@@ -1078,8 +1088,9 @@ async fn forward(
                     peer.record_success();
                 }
                 if can_retry {
-                    if keeps {
-                        pending = Some(req);
+                    if !keeps {
+                        // Handed to the stream: the next attempt sends a copy.
+                        pending = None;
                     }
                     tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
@@ -1131,7 +1142,7 @@ async fn forward(
                     tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
                 }
                 done.note = Some(note);
-                last = Some(full(status, text));
+                last = Some((status, text));
                 // nginx: each kind of failure passes to the next peer only when its
                 // own condition is listed (an invalid head is not an `error`).
                 let listed = match reason {
@@ -1140,7 +1151,7 @@ async fn forward(
                     _ => cfg.next_upstream.error,
                 };
                 let sent = !matches!(e, AttemptError::Connect(_));
-                let replayable = pending.is_some() || resendable;
+                let replayable = resendable;
                 let may_retry = listed
                     && !cfg.next_upstream.off
                     && attempts < max_tries
@@ -1152,15 +1163,17 @@ async fn forward(
                     break;
                 }
                 tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed; passing the request to the next peer");
-                if pending.is_none() && (!sent || (keeps && resendable)) {
-                    // The request never left, or it is whole still (an HTTP/1.1
-                    // attempt only reads it): ours to send elsewhere.
-                    pending = Some(req);
+                if sent && !(keeps && resendable) {
+                    // Gone (or partly gone) with the attempt; a request that
+                    // never left, or that an HTTP/1.1 attempt only read, stays
+                    // ours to send elsewhere.
+                    pending = None;
                 }
             }
         }
     }
-    let resp = last.unwrap_or_else(|| full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
+    let (status, text) = last.unwrap_or((StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
+    let resp = full(status, text);
     match resp.status().as_u16() {
         504 => up.stats.local_504.fetch_add(1, Relaxed),
         _ => up.stats.local_502.fetch_add(1, Relaxed),
