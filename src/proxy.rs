@@ -677,7 +677,13 @@ fn check_request(
     rt: &Runtime,
 ) -> Result<usize, (StatusCode, &'static str, &'static str)> {
     let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    // A request ferry's HTTP/1.1 loop read itself has no body and neither
+    // field (a `Content-Length: 0` at most): nothing to look up.
+    let bodiless = matches!(req.body(), ClientBody::Empty);
+    if !bodiless
+        && h.contains_key(header::TRANSFER_ENCODING)
+        && h.contains_key(header::CONTENT_LENGTH)
+    {
         return Err((
             StatusCode::BAD_REQUEST,
             "400 Bad Request: both Content-Length and Transfer-Encoding\n",
@@ -686,6 +692,7 @@ fn check_request(
     }
     let limit = rt.config.server.client_max_body_size;
     if limit > 0
+        && !bodiless
         && let Some(n) = h
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -938,13 +945,14 @@ async fn forward(
     // Read small bodies of known length whole first, so that a retry can send
     // them again. A body of unknown length (chunked) streams at once: holding it
     // back could stall a client that sends a little and waits for an answer.
-    let small = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .is_some_and(|n| n <= cfg.retry_buffer);
-    if small && matches!(req.body(), ReqBody::Stream { .. }) {
+    let small = || {
+        req.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= cfg.retry_buffer)
+    };
+    if matches!(req.body(), ReqBody::Stream { .. }) && small() {
         let body = std::mem::replace(req.body_mut(), ReqBody::Empty);
         match body.buffer(cfg.retry_buffer as usize).await {
             Ok(body) => *req.body_mut() = body,
