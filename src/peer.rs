@@ -64,6 +64,8 @@ pub struct Peer {
     pub params: PeerParams,
     /// Requests in flight and the latency estimate, in a slot of a shared block.
     hot: &'static Hot,
+    /// Where `hot` sits.
+    hot_place: HotPlace,
     fails: AtomicU32,
     /// ms timestamps (see [`now_ms`]) of the last failure / last probe window start.
     accessed: AtomicU64,
@@ -206,23 +208,66 @@ impl Hot {
 /// Slots per block of [`Hot`].
 const HOT_BLOCK: usize = 4096 / std::mem::size_of::<Hot>();
 
-/// Free [`Hot`] slots. Blocks are allocated once and kept for the life of the
-/// process; a dropped peer gives its slot back, and the last slot given back is
-/// the next taken, so peers built together (one upstream) sit together.
-static FREE_HOT: Mutex<Vec<&'static Hot>> = Mutex::new(Vec::new());
+/// Where a peer's [`Hot`] slot sits: its block and its index in it.
+#[derive(Debug, Clone, Copy)]
+pub struct HotPlace {
+    /// The block the slot belongs to.
+    pub block: &'static [Hot],
+    /// The block's number (blocks are numbered in the order they were made).
+    number: usize,
+    /// The slot's index in `block`.
+    pub index: usize,
+}
 
-/// A cleared slot for a new peer.
-fn take_hot() -> &'static Hot {
-    let mut free = FREE_HOT.lock().unwrap_or_else(PoisonError::into_inner);
+/// Free [`Hot`] slots, and how many blocks were made. Blocks are allocated once
+/// and kept for the life of the process; a dropped peer gives its slot back.
+/// The list stays ordered so that the next slot taken is the lowest free one
+/// (first block, then first index): peers built together (one upstream) sit
+/// side by side and in order, also in slots freed by peers dropped at a reload.
+static FREE_HOT: Mutex<(Vec<HotPlace>, usize)> = Mutex::new((Vec::new(), 0));
+
+/// A cleared slot for a new peer, and where it sits.
+fn take_hot() -> (&'static Hot, HotPlace) {
+    let mut guard = FREE_HOT.lock().unwrap_or_else(PoisonError::into_inner);
+    let (free, blocks) = &mut *guard;
     if free.is_empty() {
         let block: &'static [Hot] = Box::leak((0..HOT_BLOCK).map(|_| Hot::default()).collect());
+        let number = *blocks;
+        *blocks += 1;
         // Taken from the end: the block's slots go out in address order.
-        free.extend(block.iter().rev());
+        free.extend((0..block.len()).rev().map(|index| HotPlace {
+            block,
+            number,
+            index,
+        }));
     }
-    let hot = free.pop().unwrap_or_else(|| Box::leak(Box::default()));
+    let taken = free
+        .pop()
+        .and_then(|place| Some((place.block.get(place.index)?, place)));
+    drop(guard);
+    let (hot, place) = taken.unwrap_or_else(|| {
+        // Not reached (a block was just added); a slot of its own.
+        let block: &'static [Hot; 1] = Box::leak(Box::new([Hot::default()]));
+        let [hot] = block;
+        let place = HotPlace {
+            block,
+            number: usize::MAX,
+            index: 0,
+        };
+        (hot, place)
+    });
     hot.in_flight.store(0, Relaxed);
     hot.latency.reset();
-    hot
+    (hot, place)
+}
+
+/// Give a dropped peer's slot back, keeping the free list ordered (highest first).
+fn give_hot(place: HotPlace) {
+    let mut guard = FREE_HOT.lock().unwrap_or_else(PoisonError::into_inner);
+    let free = &mut guard.0;
+    let key = |p: &HotPlace| (p.number, p.index);
+    let at = free.partition_point(|p| key(p) > key(&place));
+    free.insert(at, place);
 }
 
 /// Moves on whenever any peer may have become, or stopped being, calm (see
@@ -247,13 +292,14 @@ impl Peer {
     pub fn new(addr: SocketAddr, params: PeerParams) -> Peer {
         let weight = i64::from(params.weight.max(1));
         let down = params.down;
-        let hot = take_hot();
+        let (hot, hot_place) = take_hot();
         Peer {
             id: NEXT_ID.fetch_add(1, Relaxed) as usize,
             addr,
             addr_str: addr.to_string().into(),
             params,
             hot,
+            hot_place,
             fails: AtomicU32::new(0),
             accessed: AtomicU64::new(0),
             checked: AtomicU64::new(0),
@@ -288,6 +334,13 @@ impl Peer {
     #[inline]
     pub fn hot(&self) -> &'static Hot {
         self.hot
+    }
+
+    /// Where [`Peer::hot`] sits: peers whose slots are side by side in one
+    /// block can be read as one slice of it.
+    #[inline]
+    pub fn hot_place(&self) -> HotPlace {
+        self.hot_place
     }
 
     /// Failures counted in the current window.
@@ -534,10 +587,7 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         // No request holds the peer any more, so nothing is in flight on it.
-        FREE_HOT
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(self.hot);
+        give_hot(self.hot_place);
     }
 }
 
@@ -758,6 +808,25 @@ mod tests {
             assert_eq!(p.in_flight(), 0);
             assert_eq!(p.latency.last(), 0.0);
         }
+    }
+
+    #[test]
+    fn freed_slots_go_out_lowest_first() {
+        let mut peers: Vec<Option<Peer>> = (0..8)
+            .map(|i| {
+                Some(Peer::new(
+                    format!("127.0.0.3:{}", i + 1).parse().unwrap(),
+                    params(1, 1),
+                ))
+            })
+            .collect();
+        for i in [3, 0, 7, 5, 1, 6, 2, 4] {
+            drop(peers[i].take());
+        }
+        // Highest first, so the next slot taken (the last) is the lowest.
+        let free = FREE_HOT.lock().unwrap_or_else(PoisonError::into_inner);
+        let key = |p: &HotPlace| (p.number, p.index);
+        assert!(free.0.windows(2).all(|w| key(&w[0]) > key(&w[1])));
     }
 
     #[test]

@@ -25,7 +25,7 @@ impl Hash {
     pub fn new(peers: &[Arc<Peer>]) -> Hash {
         Hash {
             total_weight: total_weight(peers),
-            wrr: SmoothWrr::new(peers),
+            wrr: SmoothWrr::with_atomics(peers),
         }
     }
 }

@@ -27,7 +27,7 @@ impl IpHash {
     pub fn new(peers: &[Arc<Peer>]) -> IpHash {
         IpHash {
             total_weight: total_weight(peers),
-            wrr: SmoothWrr::new(peers),
+            wrr: SmoothWrr::with_atomics(peers),
         }
     }
 }

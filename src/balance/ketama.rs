@@ -87,7 +87,7 @@ impl Ketama {
         Ketama {
             points: points.into_boxed_slice(),
             groups: members.into_iter().map(Vec::into_boxed_slice).collect(),
-            wrr: SmoothWrr::new(peers),
+            wrr: SmoothWrr::with_atomics(peers),
         }
     }
 

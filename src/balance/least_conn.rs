@@ -1,8 +1,12 @@
 //! nginx's `least_conn`: fewest in-flight requests per weight, ties by smooth WRR.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 
-use super::{CalmView, HotView, RequestKey, SmoothWrr, Strategy, available, candidates, commit};
+use super::{
+    CalmView, HotSlots, HotView, RequestKey, SmoothWrr, Strategy, available, candidates, commit,
+    or_all,
+};
 use crate::peer::{Hot, Peer, Tried};
 
 /// `least_conn`: the usable peer with the lowest `in_flight / weight`; ties by smooth WRR.
@@ -31,17 +35,26 @@ impl LeastConn {
     /// the peers that tie for the fewest per weight and smooth WRR runs among
     /// them only.
     #[inline]
-    fn pick_calm(&self, hot: &[&'static Hot]) -> Option<usize> {
-        let n = hot.len().min(64);
-        let busy = hot.iter().fold(0, |b, h| b | h.in_flight());
-        if busy == 0 {
-            let all = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
-            return self.wrr.pick_in(all);
+    fn pick_calm(&self, hot: HotSlots<'_>) -> Option<usize> {
+        match hot {
+            HotSlots::Run(hot) => self.pick_calm_in(hot),
+            HotSlots::Scattered(hot) => self.pick_calm_in(hot),
         }
-        let load = |i: usize| hot.get(i).map_or(u32::MAX, |h| h.in_flight());
+    }
+
+    /// [`LeastConn::pick_calm`] over the slots side by side or one pointer each.
+    #[inline]
+    fn pick_calm_in<H: Borrow<Hot>>(&self, hot: &[H]) -> Option<usize> {
+        let mut wrr = self.wrr.hold();
+        let n = hot.len().min(64);
+        let busy = or_all(hot, |h| u64::from(h.borrow().in_flight()));
+        if busy == 0 {
+            return wrr.pick_calm();
+        }
+        let load = |i: usize| hot.get(i).map_or(u32::MAX, |h| h.borrow().in_flight());
         match self.wrr.lowest_set(n, load) {
-            Some(set) => self.wrr.pick_in(set),
-            None => self.wrr.pick_least(n, |i| u64::from(load(i))),
+            Some(set) => wrr.pick_in(set),
+            None => wrr.pick_least(n, |i| u64::from(load(i))),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! `least_time`: lowest response-time estimate × (8 + in-flight) per weight.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 
-use super::{CalmView, HotView, RequestKey, SmoothWrr, Strategy, candidates, commit};
+use super::{
+    CalmView, HotSlots, HotView, RequestKey, SmoothWrr, Strategy, candidates, commit, or_pairs,
+};
 use crate::ewma::Ewma;
 use crate::peer::{Hot, Peer, Tried};
 
@@ -38,55 +41,66 @@ pub struct LeastTime {
     wrr: SmoothWrr,
     calm: CalmView,
     hot: HotView,
-    /// Per peer, what the calm shortcut last made of its estimate.
+    /// Per peer, what of its [`Hot`] slot the calm shortcut last saw, side by
+    /// side for the look at whether anything moved.
+    seen_hot: Box<[SeenHot]>,
+    /// Whether any in-flight count in `seen_hot` is not 0 (if not, comparing
+    /// the counts with them is checking that none has one).
+    seen_busy: AtomicBool,
+    /// Per peer, the buckets of the estimate state in `seen_hot`.
     seen: Box<[Seen]>,
     /// The peers that tied for the lowest score at the last full look of the
     /// calm shortcut (bit `i` = peer `i`; 0 = none kept), valid while every
-    /// peer's estimate state and in-flight count are still those in `seen` and
-    /// the time is still `tied_at`.
+    /// peer's estimate state and in-flight count are still those in
+    /// `seen_hot` and the time is still `tied_at`.
     tied: AtomicU64,
     tied_at: AtomicU64,
 }
 
-/// The bucketed estimates of one peer as of one read of its [`Ewma`] state, so that while the state stays the same a pick compares one word
-/// instead of converting and bucketing the estimate again. Belongs to one
-/// strategy instance (one worker), hence relaxed atomics.
+/// What the calm shortcut last saw in one peer's [`Hot`] slot.
+#[derive(Debug, Default)]
+struct SeenHot {
+    /// The estimate state ([`Ewma::state`]); 0 = never sampled.
+    state: AtomicU64,
+    /// The in-flight count at the last full look.
+    flight: AtomicU32,
+}
+
+/// The bucketed estimates of one peer as of one read of its [`Ewma`] state
+/// (kept in [`SeenHot::state`]), so that while the state stays the same
+/// a pick compares one word instead of converting and bucketing the estimate
+/// again. Belongs to one strategy instance (one worker), hence relaxed atomics.
 #[derive(Debug)]
 struct Seen {
-    /// The raw estimate state ([`Ewma::state`]) the buckets are of.
-    state: AtomicU64,
     /// Low 32 bits: `bucket` of the last estimate, 0 when never sampled. High 32
     /// bits: `bucket` of the estimate with idle decay at `at`.
     buckets: AtomicU64,
     /// The time (ms) the decayed bucket is for; `u64::MAX` = none yet.
     at: AtomicU64,
-    /// The in-flight count at the last full look of the calm shortcut.
-    flight: AtomicU32,
 }
 
 impl Seen {
+    /// For a seen state of 0: "never sampled", whose last-estimate bucket is 0.
     fn new() -> Seen {
-        // State 0 is "never sampled", whose last-estimate bucket is 0.
         Seen {
-            state: AtomicU64::new(0),
             buckets: AtomicU64::new(0),
             at: AtomicU64::new(u64::MAX),
-            flight: AtomicU32::new(0),
         }
     }
 
-    /// For the estimate state `state`: the bucket of its last estimate (0 when
+    /// For the estimate state `state` (`seen` holds the one the buckets are
+    /// of, and takes `state`): the bucket of its last estimate (0 when
     /// never sampled), and the bucketed time the score uses at `now`, with the
     /// idle decay when `decay` (as [`Ewma::read_coarse`] then
     /// [`bucket`] give it). Recomputed only when the state or, for the decayed
     /// time, `now` moved.
     #[inline]
-    fn read(&self, state: u64, now: u64, decay: bool) -> (u64, u64) {
+    fn read(&self, seen: &AtomicU64, state: u64, now: u64, decay: bool) -> (u64, u64) {
         let mut buckets = self.buckets.load(Relaxed);
-        if self.state.load(Relaxed) != state {
+        if seen.load(Relaxed) != state {
             let (last, _) = Ewma::coarse_of(state, now, false);
             buckets = if last > 0.0 { bucket(last) } else { 0 };
-            self.state.store(state, Relaxed);
+            seen.store(state, Relaxed);
             self.buckets.store(buckets, Relaxed);
             self.at.store(u64::MAX, Relaxed);
         }
@@ -112,6 +126,8 @@ impl LeastTime {
             wrr: SmoothWrr::new(peers),
             calm: CalmView::new(),
             hot: HotView::new(peers),
+            seen_hot: peers.iter().map(|_| SeenHot::default()).collect(),
+            seen_busy: AtomicBool::new(false),
             seen: peers.iter().map(|_| Seen::new()).collect(),
             tied: AtomicU64::new(0),
             tied_at: AtomicU64::new(0),
@@ -134,34 +150,58 @@ impl LeastTime {
     /// least 1, the bucket of [`FLOOR_US`]), and raising to it commutes with
     /// bucketing.
     #[inline]
-    fn pick_calm(&self, hot: &[&'static Hot], now: u64) -> Option<usize> {
+    fn pick_calm(&self, hot: HotSlots<'_>, now: u64) -> Option<usize> {
+        match hot {
+            HotSlots::Run(hot) => self.pick_calm_in(hot, now),
+            HotSlots::Scattered(hot) => self.pick_calm_in(hot, now),
+        }
+    }
+
+    /// [`LeastTime::pick_calm`] over the slots side by side or one pointer each.
+    #[inline]
+    fn pick_calm_in<H: Borrow<Hot>>(&self, hot: &[H], now: u64) -> Option<usize> {
         let n = hot.len();
-        if n == 0 || n > 64 || n != self.seen.len() {
+        if n == 0 || n > 64 || n != self.seen.len() || n != self.seen_hot.len() {
             return None;
         }
+        let mut wrr = self.wrr.hold();
         let tied = self.tied.load(Relaxed);
         if tied != 0 && self.tied_at.load(Relaxed) == now {
-            let moved = hot.iter().zip(self.seen.iter()).fold(0, |d, (h, seen)| {
-                d | (h.latency.state() ^ seen.state.load(Relaxed))
-                    | u64::from(h.in_flight() ^ seen.flight.load(Relaxed))
-            });
+            let moved = if self.seen_busy.load(Relaxed) {
+                or_pairs(hot, &self.seen_hot, |h, seen| {
+                    let h = h.borrow();
+                    (h.latency.state() ^ seen.state.load(Relaxed))
+                        | u64::from(h.in_flight() ^ seen.flight.load(Relaxed))
+                })
+            } else {
+                // Every count seen was 0: any count is a move.
+                or_pairs(hot, &self.seen_hot, |h, seen| {
+                    let h = h.borrow();
+                    (h.latency.state() ^ seen.state.load(Relaxed)) | u64::from(h.in_flight())
+                })
+            };
             if moved == 0 {
-                return self.wrr.pick_in(tied);
+                return wrr.pick_in(tied);
             }
         }
         let mut time = [0u64; 64];
         let mut flight = [0u32; 64];
         let mut floor = u64::MAX;
-        for (i, (h, seen)) in hot.iter().zip(self.seen.iter()).enumerate() {
+        let mut busy = 0;
+        let seen = self.seen.iter().zip(self.seen_hot.iter());
+        for (i, (h, (seen, seen_hot))) in hot.iter().zip(seen).enumerate() {
+            let h = h.borrow();
             let in_flight = h.in_flight();
-            let (last, t) = seen.read(h.latency.state(), now, in_flight == 0);
-            seen.flight.store(in_flight, Relaxed);
+            let (last, t) = seen.read(&seen_hot.state, h.latency.state(), now, in_flight == 0);
+            seen_hot.flight.store(in_flight, Relaxed);
+            busy |= in_flight;
             if last > 0 {
                 floor = floor.min(last);
             }
             time[i] = t;
             flight[i] = in_flight;
         }
+        self.seen_busy.store(busy != 0, Relaxed);
         let floor = if floor == u64::MAX { 1 } else { floor };
         let mut loads = [0u64; 64];
         let mut high = 0;
@@ -175,10 +215,10 @@ impl LeastTime {
         {
             self.tied.store(set, Relaxed);
             self.tied_at.store(now, Relaxed);
-            return self.wrr.pick_in(set);
+            return wrr.pick_in(set);
         }
         self.tied.store(0, Relaxed);
-        self.wrr.pick_least(n, |i| loads[i])
+        wrr.pick_least(n, |i| loads[i])
     }
 }
 

@@ -142,13 +142,37 @@ impl CalmView {
 /// `least_conn` and `least_time`. Holds the peers, so their slots stay theirs.
 #[derive(Debug)]
 pub(crate) struct HotView {
+    /// The slots as one slice of their block, when they sit there side by side
+    /// in list order (as peers built together do); else empty.
+    run: &'static [Hot],
     slots: Box<[&'static Hot]>,
     peers: Box<[Arc<Peer>]>,
 }
 
+/// The [`Hot`] slots of a strategy's peers, in list order.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum HotSlots<'a> {
+    /// Side by side in one block: read without a pointer per peer.
+    Run(&'static [Hot]),
+    /// Anywhere.
+    Scattered(&'a [&'static Hot]),
+}
+
 impl HotView {
     pub(crate) fn new(peers: &[Arc<Peer>]) -> HotView {
+        let run = peers
+            .first()
+            .map(|p| p.hot_place())
+            .filter(|first| {
+                peers.iter().enumerate().all(|(i, p)| {
+                    let place = p.hot_place();
+                    std::ptr::eq(place.block, first.block) && place.index == first.index + i
+                })
+            })
+            .and_then(|first| first.block.get(first.index..first.index + peers.len()))
+            .unwrap_or_default();
         HotView {
+            run,
             slots: peers.iter().map(|p| p.hot()).collect(),
             peers: peers.into(),
         }
@@ -157,16 +181,65 @@ impl HotView {
     /// The slots, in list order, when `peers` is the list this view was built
     /// over (same length, same first and last peer).
     #[inline]
-    pub(crate) fn of(&self, peers: &[Arc<Peer>]) -> Option<&[&'static Hot]> {
+    pub(crate) fn of(&self, peers: &[Arc<Peer>]) -> Option<HotSlots<'_>> {
         let same = |a: Option<&Arc<Peer>>, b: Option<&Arc<Peer>>| match (a, b) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
             (a, b) => a.is_none() && b.is_none(),
         };
-        (peers.len() == self.peers.len()
-            && same(peers.first(), self.peers.first())
-            && same(peers.last(), self.peers.last()))
-        .then_some(&self.slots)
+        if peers.len() != self.peers.len()
+            || !same(peers.first(), self.peers.first())
+            || !same(peers.last(), self.peers.last())
+        {
+            return None;
+        }
+        Some(if self.run.len() == peers.len() && !peers.is_empty() {
+            HotSlots::Run(self.run)
+        } else {
+            HotSlots::Scattered(&self.slots)
+        })
     }
+}
+
+/// The OR of `f(a[i])` over a slice, four at a time (see [`or_pairs`]).
+#[inline(always)]
+pub(crate) fn or_all<A>(a: &[A], f: impl Fn(&A) -> u64) -> u64 {
+    let (a4, a1) = a.as_chunks::<4>();
+    let mut d = [0u64; 4];
+    for x in a4 {
+        d[0] |= f(&x[0]);
+        d[1] |= f(&x[1]);
+        d[2] |= f(&x[2]);
+        d[3] |= f(&x[3]);
+    }
+    for x in a1 {
+        d[0] |= f(x);
+    }
+    d[0] | d[1] | d[2] | d[3]
+}
+
+/// The OR of `f(a[i], b[i])` over the pairs of two slices (as far as the
+/// shorter goes), four pairs at a time into four accumulators: the look of the
+/// calm shortcuts over every peer's [`Hot`] slot, whose atomic loads the
+/// compiler keeps one by one, so that only the loads remain per peer.
+#[inline(always)]
+pub(crate) fn or_pairs<A, B>(a: &[A], b: &[B], f: impl Fn(&A, &B) -> u64) -> u64 {
+    let n = a.len().min(b.len());
+    let (a, b) = (
+        a.get(..n).unwrap_or_default(),
+        b.get(..n).unwrap_or_default(),
+    );
+    let ((a4, a1), (b4, b1)) = (a.as_chunks::<4>(), b.as_chunks::<4>());
+    let mut d = [0u64; 4];
+    for (x, y) in a4.iter().zip(b4) {
+        d[0] |= f(&x[0], &y[0]);
+        d[1] |= f(&x[1], &y[1]);
+        d[2] |= f(&x[2], &y[2]);
+        d[3] |= f(&x[3], &y[3]);
+    }
+    for (x, y) in a1.iter().zip(b1) {
+        d[0] |= f(x, y);
+    }
+    d[0] | d[1] | d[2] | d[3]
 }
 
 /// Sum of the configured weights of all peers, usable or not (nginx's `total_weight`).
@@ -461,11 +534,26 @@ mod calm_tests {
     /// strategy built twice over the same peers, one always taking the full path
     /// (a `tried` set naming only an index past the end forces it without
     /// excluding anyone), under random weights and in-flight counts.
+    ///
+    /// Run twice: over peers whose [`Hot`] slots sit side by side in list order
+    /// ([`HotSlots::Run`]), and over the same peers listed backwards
+    /// ([`HotSlots::Scattered`]).
     fn same_as_full_rules(make: fn(&[Arc<Peer>]) -> Box<dyn Strategy>) {
+        for scattered in [false, true] {
+            same_as_full_rules_over(make, scattered);
+        }
+    }
+
+    fn same_as_full_rules_over(make: fn(&[Arc<Peer>]) -> Box<dyn Strategy>, scattered: bool) {
         let mut rng = fastrand::Rng::with_seed(7);
         for n in [1usize, 2, 3, 7, 64] {
             let weights: Vec<u32> = (0..n).map(|_| rng.u32(1..=5)).collect();
-            let ps = peers(&weights);
+            let mut ps = peers_in_a_run(&weights);
+            if scattered {
+                ps.reverse();
+            }
+            let run = matches!(HotView::new(&ps).of(&ps), Some(HotSlots::Run(_)));
+            assert_eq!(run, !scattered || n == 1, "{n} peers");
             let (fast, full) = (make(&ps), make(&ps));
             let mut force = Tried::new();
             force.insert(1000);
@@ -489,6 +577,55 @@ mod calm_tests {
                 assert_eq!(a, b, "{n} peers, round {round}, weights {weights:?}");
             }
         }
+    }
+
+    /// Peers with these weights whose slots sit side by side in list order.
+    /// Slots freed by other tests leave holes, and tests running alongside take
+    /// slots too: the attempts that got no run are kept until one does, so
+    /// that they fill the holes.
+    fn peers_in_a_run(weights: &[u32]) -> Vec<Arc<Peer>> {
+        // The tests here that call this run side by side: one at a time.
+        static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = ONE_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut misses = Vec::new();
+        for _ in 0..1000 {
+            let ps = peers(weights);
+            if ps.is_empty() || matches!(HotView::new(&ps).of(&ps), Some(HotSlots::Run(_))) {
+                return ps;
+            }
+            misses.push(ps);
+        }
+        panic!("no run of {} slots", weights.len());
+    }
+
+    #[test]
+    fn hot_view_reads_a_run_of_slots_as_one_slice() {
+        let ps = peers_in_a_run(&[1; 64]);
+        let view = HotView::new(&ps);
+        let Some(HotSlots::Run(run)) = view.of(&ps) else {
+            panic!("not a run");
+        };
+        assert_eq!(run.len(), 64);
+        for (slot, p) in run.iter().zip(&ps) {
+            assert!(std::ptr::eq(slot, p.hot()));
+        }
+        // Another list of the same length: no view.
+        let other = peers(&[1; 64]);
+        assert!(view.of(&other).is_none());
+        assert!(view.of(&ps[..63]).is_none());
+        // Listed in another order: one pointer per peer, still theirs.
+        let mut shuffled = ps.clone();
+        shuffled.swap(10, 20);
+        let view = HotView::new(&shuffled);
+        let Some(HotSlots::Scattered(slots)) = view.of(&shuffled) else {
+            panic!("a run");
+        };
+        for (slot, p) in slots.iter().zip(&shuffled) {
+            assert!(std::ptr::eq(*slot, p.hot()));
+        }
+        assert!(HotView::new(&[]).of(&[]).is_some());
     }
 
     #[test]
