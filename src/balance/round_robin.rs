@@ -562,7 +562,10 @@ impl SmoothWrr {
         peers: &[Arc<Peer>],
         candidates: impl IntoIterator<Item = usize>,
     ) -> Option<usize> {
-        pick_among_in(&mut self.hold().slots, peers, candidates)
+        match &self.current {
+            Currents::Atomic(a) => pick_among_in(&mut Atomics(a), peers, candidates),
+            Currents::Locked(m) => pick_among_in(&mut *lock(m), peers, candidates),
+        }
     }
 
     /// Smooth WRR among every usable peer not in `tried`. Does not call [`Peer::on_pick`].
