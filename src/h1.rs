@@ -503,7 +503,8 @@ fn encode_head(
     framing
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// `name: value` and a line end, into a head being written.
+pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
@@ -602,13 +603,14 @@ async fn send_body<I: AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn put_chunk_size(out: &mut Vec<u8>, n: usize) {
+/// A chunk-size line (hex) for `n` bytes of chunked data.
+pub(crate) fn put_chunk_size(out: &mut Vec<u8>, n: usize) {
     use std::io::Write as _;
     let _ = write!(out, "{n:x}\r\n");
 }
 
 /// Write all of `bufs`, in as few calls as the socket allows.
-async fn write_all_vectored<I: AsyncWrite + Unpin>(
+pub(crate) async fn write_all_vectored<I: AsyncWrite + Unpin>(
     io: &mut I,
     mut bufs: &mut [IoSlice<'_>],
 ) -> io::Result<()> {

@@ -31,6 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{BoxError, ReqBody};
+use crate::h1::{put_chunk_size, put_header, write_all_vectored};
 use crate::peer::Peer;
 
 /// Most header fields in a response head (hyper's limit too).
@@ -439,13 +440,6 @@ fn encode_request(req: &Request<ReqBody>, fwd: Option<&Forwarded>, out: &mut Vec
     chunked
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// Write the head (and `more` after it). A failure before any byte went out
 /// is [`SendError::NotSent`].
 async fn write_first(io: &mut UpIo, head: &[u8], more: &[u8]) -> Result<(), SendError> {
@@ -518,9 +512,12 @@ async fn send_stream(
         if chunked {
             let mut size = Vec::with_capacity(18);
             put_chunk_size(&mut size, data.len());
-            write_all(io, &[&size, &data, b"\r\n"])
-                .await
-                .map_err(failed)?;
+            let mut parts = [
+                IoSlice::new(&size),
+                IoSlice::new(&data),
+                IoSlice::new(b"\r\n"),
+            ];
+            write_all_vectored(io, &mut parts).await.map_err(failed)?;
         } else {
             io.write_all(&data).await.map_err(failed)?;
         }
@@ -532,25 +529,6 @@ async fn send_stream(
         io.write_all(b"0\r\n\r\n").await.map_err(failed)?;
     }
     Ok(true)
-}
-
-fn put_chunk_size(out: &mut Vec<u8>, n: usize) {
-    use std::io::Write as _;
-    let _ = write!(out, "{n:x}\r\n");
-}
-
-async fn write_all(io: &mut UpIo, parts: &[&[u8]]) -> io::Result<()> {
-    let mut bufs: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
-    let mut bufs = &mut bufs[..];
-    IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        let n = poll_fn(|cx| Pin::new(&mut *io).poll_write_vectored(cx, bufs)).await?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut bufs, n);
-    }
-    Ok(())
 }
 
 /// Drop complete interim (1xx, not 101) heads from the front of `buf`.
