@@ -36,7 +36,7 @@ use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
 
 /// Most header fields in a request head (hyper's limit too); more goes to
 /// hyper, which answers 431.
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// Bytes read per read call. A request head is usually far smaller; a larger
 /// one takes several reads.
@@ -271,7 +271,24 @@ enum Take {
 
 /// Where a header's name and value lie in the head: name start, name end,
 /// value start, value end.
-type Span = [u32; 4];
+pub(crate) type Span = [u32; 4];
+
+/// Record where each parsed header's name and value lie in the head that
+/// starts at `base`, so the head can be frozen and the fields taken from it
+/// without copies.
+pub(crate) fn record_spans(spans: &mut [Span], headers: &[httparse::Header<'_>], base: usize) {
+    let at = |s: &[u8]| (s.as_ptr() as usize - base) as u32;
+    for (span, h) in spans.iter_mut().zip(headers) {
+        let name = at(h.name.as_bytes());
+        let value = at(h.value);
+        *span = [
+            name,
+            name + h.name.len() as u32,
+            value,
+            value + h.value.len() as u32,
+        ];
+    }
+}
 
 /// Parse a request head at the start of `buf` and, when it is one this loop
 /// serves, take it out of `buf` as a request whose header values share the
@@ -302,16 +319,7 @@ fn take_request(buf: &mut BytesMut) -> Take {
         }
         let start = at(path.as_bytes());
         let target = (start, start + path.len() as u32);
-        for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-            let name = at(h.name.as_bytes());
-            let value = at(h.value);
-            *span = [
-                name,
-                name + h.name.len() as u32,
-                value,
-                value + h.value.len() as u32,
-            ];
-        }
+        record_spans(&mut spans, req.headers, base);
         (len, method, target, req.headers.len())
     };
     let mut close = false;

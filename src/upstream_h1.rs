@@ -31,14 +31,11 @@ use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
 use crate::body::{BoxError, ReqBody};
-use crate::h1::{put_chunk_size, put_header, write_all_vectored};
+// The same limits as for request heads: at most 100 fields, 64 KiB (also the
+// longest chunk-size or trailer line).
+use crate::h1::{MAX_HEADERS, Span, put_chunk_size, put_header, record_spans, write_all_vectored};
 use crate::peer::Peer;
-
-/// Most header fields in a response head (hyper's limit too).
-const MAX_HEADERS: usize = 100;
-
-/// Largest response head, and largest chunk-size or trailer line.
-const MAX_HEAD: usize = 64 * 1024;
+use crate::server::MAX_HEAD;
 
 /// Room kept free in the read buffer before each read.
 const READ_BUF: usize = 8 * 1024;
@@ -583,9 +580,6 @@ async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<H
     }
 }
 
-/// Where a header's name and value lie in the head.
-type Span = [u32; 4];
-
 /// Parse a response head at the start of `buf`. `Ok(None)`: not complete yet,
 /// or an interim head that was taken off `buf`.
 fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendError> {
@@ -610,16 +604,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
             .reason
             .filter(|r| !r.is_empty())
             .map(|r| (at(r.as_bytes()), at(r.as_bytes()) + r.len() as u32));
-        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-            let name = at(h.name.as_bytes());
-            let value = at(h.value);
-            *span = [
-                name,
-                name + h.name.len() as u32,
-                value,
-                value + h.value.len() as u32,
-            ];
-        }
+        record_spans(&mut spans, resp.headers, base);
         (len, code, minor, reason, resp.headers.len())
     };
     if (100..200).contains(&code) && code != 101 {
