@@ -18,6 +18,7 @@ use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, SystemTime};
 
@@ -113,7 +114,7 @@ async fn serve_simple<I>(io: &mut ClientIo<I>, client: &Client, mut h2c: bool) -
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = client.ctx(false);
+    let ctx = client.ctx(false, true);
     let limits = {
         let rt = client.shared.runtime.load();
         Limits {
@@ -163,7 +164,7 @@ where
         // Boxed: the request's state exists only while it is served, and an
         // idle connection keeps just what waiting needs.
         let serving = Box::pin(serve_one(io, &ctx, req, close, &stop));
-        match serving.await {
+        match with_ticks(serving, timer.as_mut(), &ctx.read_deadline, &limits).await {
             Ok(false) => {}
             Ok(true) => return Outcome::Close,
             Err(_) => return Outcome::Closed,
@@ -192,6 +193,43 @@ async fn serve_one<I: AsyncWrite + Unpin>(
     close |= *stop.borrow();
     write_response(io, resp, is_head, &mut close).await?;
     Ok(close)
+}
+
+/// Drive `serving` and, while its request waits for a response head, the
+/// connection's timer: armed to fire by the deadline the request stores in
+/// `deadline` ([`crate::proxy::Ctx::read_deadline`]), so that the request can
+/// see its `read_timeout` pass without a timer of its own.
+async fn with_ticks<F: Future>(
+    mut serving: Pin<Box<F>>,
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    deadline: &AtomicU64,
+    limits: &Limits,
+) -> F::Output {
+    deadline.store(0, Relaxed);
+    std::future::poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(r) = serving.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            let due = deadline.load(Relaxed);
+            if due == 0 {
+                return Poll::Pending;
+            }
+            let at = crate::peer::instant_at_ms(due);
+            if timer.deadline() > at {
+                timer.as_mut().reset(at);
+            }
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // Fired: the request looks at its deadline again; the timer goes
+            // back to its usual period (the request re-arms it if it waits on).
+            timer
+                .as_mut()
+                .reset(Instant::now() + Duration::from_millis(limits.period()));
+        }
+    })
+    .await
 }
 
 impl Limits {
@@ -454,30 +492,25 @@ fn encode_head(
         None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
     }
     out.extend_from_slice(b"\r\n");
-    let mut length = false;
-    let mut has_date = false;
-    let mut has_connection = false;
-    for (name, value) in &parts.headers {
-        if name == header::CONTENT_LENGTH {
-            if value
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_none()
-            {
-                continue;
+    let mut seen = Seen::default();
+    match body.raw_fields() {
+        // An upstream's fields as it wrote them (none are in the map).
+        Some(fields) => {
+            for (name, value) in fields.iter() {
+                seen.put(out, name, value);
             }
-            length = true;
-        } else if name == header::TRANSFER_ENCODING {
-            // Framing is chosen below.
-            continue;
-        } else if name == header::DATE {
-            has_date = true;
-        } else if name == header::CONNECTION {
-            has_connection = true;
         }
-        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        None => {
+            for (name, value) in &parts.headers {
+                seen.put(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
     }
+    let Seen {
+        length,
+        has_date,
+        has_connection,
+    } = seen;
     let bodiless = is_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -509,6 +542,41 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     framing
+}
+
+/// What [`encode_head`] learns of a response's own fields as it writes them.
+#[derive(Default)]
+struct Seen {
+    /// A valid `Content-Length`.
+    length: bool,
+    has_date: bool,
+    has_connection: bool,
+}
+
+impl Seen {
+    /// Write one field of the response, unless it is framing ferry chooses
+    /// itself (`Transfer-Encoding`, an unusable `Content-Length`).
+    #[inline]
+    fn put(&mut self, out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let valid = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some();
+            if !valid {
+                return;
+            }
+            self.length = true;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // Framing is chosen below.
+            return;
+        } else if name.eq_ignore_ascii_case(b"date") {
+            self.has_date = true;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            self.has_connection = true;
+        }
+        put_header(out, name, value);
+    }
 }
 
 /// `name: value` and a line end, into a head being written.

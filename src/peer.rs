@@ -15,19 +15,28 @@ use std::time::Duration;
 
 use crate::ewma::Ewma;
 
-/// Milliseconds since the process's clock base. Uses tokio's clock so that
-/// paused-time tests drive it.
-pub fn now_ms() -> u64 {
+/// The process's clock base: one hour before the first reading, so that a zero
+/// timestamp always means "long ago". Uses tokio's clock so that paused-time
+/// tests drive it.
+fn clock_base() -> tokio::time::Instant {
     static BASE: OnceLock<tokio::time::Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(|| {
-        // Start one hour "in" so that a zero timestamp always means "long ago".
+    *BASE.get_or_init(|| {
         tokio::time::Instant::now()
             .checked_sub(Duration::from_secs(3600))
             .unwrap_or_else(tokio::time::Instant::now)
-    });
+    })
+}
+
+/// Milliseconds since the process's clock base.
+pub fn now_ms() -> u64 {
     tokio::time::Instant::now()
-        .saturating_duration_since(base)
+        .saturating_duration_since(clock_base())
         .as_millis() as u64
+}
+
+/// The instant [`now_ms`] reads as `ms`, for arming a timer at such a time.
+pub fn instant_at_ms(ms: u64) -> tokio::time::Instant {
+    clock_base() + Duration::from_millis(ms)
 }
 
 /// Static parameters of a peer, from its `[[upstream.server]]` entry.

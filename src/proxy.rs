@@ -58,6 +58,13 @@ pub struct Ctx {
     /// The client's address as a header value (X-Real-IP, X-Forwarded-For), made
     /// once per connection.
     pub client_ip: HeaderValue,
+    /// Whether the connection's loop keeps a timer that wakes its request by
+    /// [`Ctx::read_deadline`] (ferry's own HTTP/1.1 loop does); otherwise an
+    /// attempt arms a timer of its own for `read_timeout`.
+    pub ticked: bool,
+    /// When the request waiting for a response head times out (ms, as
+    /// [`now_ms`]; 0 = none waits), for the loop's timer to wake it by then.
+    pub read_deadline: AtomicU64,
 }
 
 /// Headers never forwarded (RFC 9110 hop-by-hop, plus the legacy ones).
@@ -72,7 +79,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-use crate::upstream_h1::{X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
+use crate::upstream_h1::{RawFields, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
 
 /// What [`strip_hop_by_hop`] found among the headers it removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -188,6 +195,45 @@ enum Kind {
         progress: bool,
     },
     Full(Option<Bytes>),
+}
+
+impl RespBody {
+    /// The upstream's header fields as it wrote them, when they are not in the
+    /// response's header map (see [`RawFields`]).
+    pub(crate) fn raw_fields(&self) -> Option<&RawFields> {
+        match &self.kind {
+            Kind::Upstream {
+                body: UpBody::H1(b),
+                ..
+            } => b.fields(),
+            _ => None,
+        }
+    }
+}
+
+/// The response with all its fields in its header map, for a server that
+/// writes heads from the map (hyper's): ferry's HTTP/1.1 loop writes an
+/// upstream's fields from the upstream's head instead.
+pub fn with_header_map(mut resp: Response<RespBody>) -> Response<RespBody> {
+    let fields = match &mut resp.body_mut().kind {
+        Kind::Upstream {
+            body: UpBody::H1(b),
+            ..
+        } => b.take_fields(),
+        _ => None,
+    };
+    if let Some(fields) = fields {
+        let map = fields.into_map();
+        let h = resp.headers_mut();
+        if h.is_empty() {
+            *h = map;
+        } else {
+            for (name, value) in &map {
+                h.append(name, value.clone());
+            }
+        }
+    }
+    resp
 }
 
 impl std::fmt::Debug for RespBody {
@@ -1065,7 +1111,8 @@ async fn forward(
         }
         let guard = peer.start_request();
         let t0 = Instant::now();
-        let result = attempt(&peer, cfg, req, &fwd, idempotent, &started).await;
+        let ticker = ctx.ticked.then_some(&ctx.read_deadline);
+        let result = attempt(&peer, cfg, req, &fwd, idempotent, &started, ticker).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let took = t0.elapsed();
         let now = now_ms();
@@ -1309,11 +1356,12 @@ async fn attempt(
     fwd: &Forwarded,
     idempotent: bool,
     started: &Arc<AtomicU64>,
+    ticker: Option<&AtomicU64>,
 ) -> Result<Response<UpBody>, AttemptError> {
     if cfg.scheme.is_h2() {
         // Boxed: inline, its state would grow this future, which HTTP/1.1
         // requests move around too.
-        let h2 = Box::pin(attempt_h2(peer, cfg, req, started));
+        let h2 = Box::pin(attempt_h2(peer, cfg, req, started, ticker));
         return h2.await.map(|r| r.map(UpBody::H2));
     }
     let mut pooled = client::checkout(peer);
@@ -1329,8 +1377,12 @@ async fn attempt(
                 connecting.await.map_err(AttemptError::Connect)?
             }
         };
-        let sent = upstream_h1::send(&mut conn, req, fwd);
-        let err = match with_read_timeout(sent, cfg.read_timeout, started).await {
+        let waited = {
+            let sent = upstream_h1::send(&mut conn, req, fwd);
+            tokio::pin!(sent);
+            with_read_timeout(sent, cfg.read_timeout, started, ticker).await
+        };
+        let err = match waited {
             None => return Err(AttemptError::Timeout),
             Some(Ok(head)) => {
                 let home = Home {
@@ -1379,6 +1431,7 @@ async fn attempt_h2(
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
     started: &Arc<AtomicU64>,
+    ticker: Option<&AtomicU64>,
 ) -> Result<Response<Incoming>, AttemptError> {
     let mut replaced = false;
     loop {
@@ -1403,7 +1456,8 @@ async fn attempt_h2(
         let out = std::mem::replace(req, Request::new(ReqBody::Empty));
         let fut = tx.try_send_request(out);
         drop(tx);
-        match with_read_timeout(fut, cfg.read_timeout, started).await {
+        tokio::pin!(fut);
+        match with_read_timeout(fut, cfg.read_timeout, started, ticker).await {
             None => return Err(AttemptError::Timeout),
             Some(Ok(resp)) => return Ok(resp),
             Some(Err(mut e)) => {
@@ -1432,30 +1486,52 @@ async fn attempt_h2(
     }
 }
 
-/// Await response headers; the timer re-arms while the request body is still
-/// being sent, so a long upload is not cut by `read_timeout`.
-async fn with_read_timeout<F: std::future::Future>(
-    fut: F,
+/// Await response headers (`fut`), or `None` once `read_timeout` passed since
+/// the later of the start and the request body's last progress, so that a long
+/// upload is not cut. With `ticker`, the connection's loop wakes the request by
+/// the deadline stored there ([`Ctx::read_deadline`]) and no timer is armed
+/// here: serving a request then costs no timer work.
+async fn with_read_timeout<F: Future>(
+    mut fut: Pin<&mut F>,
     timeout: Duration,
     progress: &AtomicU64,
+    ticker: Option<&AtomicU64>,
 ) -> Option<F::Output> {
-    tokio::pin!(fut);
-    let sleep = tokio::time::sleep(timeout);
+    let start = now_ms();
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    let sleep = ticker.is_none().then(|| tokio::time::sleep(timeout));
     tokio::pin!(sleep);
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut fut => return Some(r),
-            _ = &mut sleep => {
-                let last = progress.load(Relaxed);
-                let idle = Duration::from_millis(now_ms().saturating_sub(last));
-                if last == 0 || idle >= timeout {
-                    return None;
-                }
-                sleep.as_mut().reset(Instant::now() + (timeout - idle));
-            }
+    let got = std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
         }
+        let due = start
+            .max(progress.load(Relaxed))
+            .saturating_add(timeout_ms);
+        match (ticker, sleep.as_mut().as_pin_mut()) {
+            (Some(deadline), _) => {
+                if now_ms() >= due {
+                    return Poll::Ready(None);
+                }
+                deadline.store(due, Relaxed);
+            }
+            (None, Some(mut sleep)) => {
+                while sleep.as_mut().poll(cx).is_ready() {
+                    if now_ms() >= due {
+                        return Poll::Ready(None);
+                    }
+                    sleep.as_mut().reset(crate::peer::instant_at_ms(due));
+                }
+            }
+            (None, None) => {}
+        }
+        Poll::Pending
+    })
+    .await;
+    if let Some(deadline) = ticker {
+        deadline.store(0, Relaxed);
     }
+    got
 }
 
 fn respond(

@@ -886,7 +886,9 @@ impl Client {
             .as_millis() as u64
     }
 
-    pub(crate) fn ctx(&self, multiplexed: bool) -> Arc<Ctx> {
+    /// The context of the connection's requests; `ticked`: the connection's
+    /// loop wakes a request by its [`Ctx::read_deadline`].
+    pub(crate) fn ctx(&self, multiplexed: bool, ticked: bool) -> Arc<Ctx> {
         Arc::new(Ctx {
             shared: Arc::clone(&self.shared),
             worker: self.worker,
@@ -896,6 +898,8 @@ impl Client {
             multiplexed,
             client_ip: http::HeaderValue::from_str(&self.remote.ip().to_string())
                 .unwrap_or(http::HeaderValue::from_static("")),
+            ticked,
+            read_deadline: std::sync::atomic::AtomicU64::new(0),
         })
     }
 }
@@ -969,9 +973,10 @@ pub(crate) async fn serve_h1_hyper<I>(io: I, client: Client)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = client.ctx(false);
+    let ctx = client.ctx(false, false);
     let svc = service_fn(move |req: Request<Incoming>| {
-        handle(Arc::clone(&ctx), req.map(ClientBody::Incoming))
+        let answer = handle(Arc::clone(&ctx), req.map(ClientBody::Incoming));
+        async move { answer.await.map(crate::proxy::with_header_map) }
     });
     let conn = http1::Builder::new()
         .keep_alive(client.keepalive_ms() > 0)
@@ -991,14 +996,15 @@ pub async fn serve_h2<I>(io: I, client: Client)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let ctx = client.ctx(true);
+    let ctx = client.ctx(true, false);
     let (streams, header_size) = {
         let rt = client.shared.runtime.load();
         let s = &rt.config.server;
         (s.http2_max_concurrent_streams, s.http2_max_header_size)
     };
     let svc = service_fn(move |req: Request<Incoming>| {
-        handle(Arc::clone(&ctx), req.map(ClientBody::Incoming))
+        let answer = handle(Arc::clone(&ctx), req.map(ClientBody::Incoming));
+        async move { answer.await.map(crate::proxy::with_header_map) }
     });
     // Tokio's spawn on a current-thread runtime keeps the stream tasks on this
     // worker's thread, with its thread-local upstream pool.

@@ -274,9 +274,49 @@ impl std::error::Error for SendError {}
 /// framed.
 pub struct Head {
     parts: http::response::Parts,
+    /// The fields as the upstream wrote them, when they are not in `parts`.
+    fields: Option<RawFields>,
     state: State,
     reuse: bool,
     buf: BytesMut,
+}
+
+/// The header fields of a response as the upstream wrote them: its head, and
+/// where each field ferry passes on lies in it. Writing these to an HTTP/1.1
+/// client is a copy per field; building a header map of them (for HTTP/2
+/// clients, and hyper's HTTP/1.1 server) is done only where one is needed.
+/// Names keep the upstream's case, as from nginx.
+#[derive(Debug)]
+pub struct RawFields {
+    head: Bytes,
+    spans: Vec<Span>,
+}
+
+impl RawFields {
+    /// The fields, name and value, in the order the upstream sent them.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|s| {
+            (
+                &self.head[s[0] as usize..s[1] as usize],
+                &self.head[s[2] as usize..s[3] as usize],
+            )
+        })
+    }
+
+    /// The fields in a header map. Each was checked when the head was
+    /// parsed, so none is left out.
+    pub fn into_map(self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.spans.len());
+        for s in &self.spans {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&self.head[s[0] as usize..s[1] as usize]),
+                HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
 }
 
 impl std::fmt::Debug for Head {
@@ -308,6 +348,7 @@ impl Head {
     /// once the body has been read to its end.
     pub fn into_response(self, conn: Conn, home: Option<Home>) -> Response<H1Body> {
         let mut body = H1Body {
+            fields: self.fields,
             conn: Some(conn),
             buf: self.buf,
             state: self.state,
@@ -614,7 +655,12 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     let status = StatusCode::from_u16(code)
         .map_err(|_| SendError::Invalid(format!("status code {code}")))?;
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
+    // The fields passed on. They stay in the head (see `RawFields`) unless one
+    // needs the header map's handling: after 101, or with a hop-by-hop field
+    // the proxy strips from the map (`Connection` naming others, `Upgrade`,
+    // `TE`, `Trailer`, `Proxy-*`).
+    let mut kept: Vec<Span> = Vec::with_capacity(n);
+    let mut raw = code != 101;
     let mut length: Option<u64> = None;
     let (mut te, mut te_chunked) = (false, false);
     let (mut close, mut keep_alive) = (false, false);
@@ -662,15 +708,37 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
                 // left out here rather than removed later.
                 continue;
             }
+            raw = false;
         } else if code != 101 && name.eq_ignore_ascii_case(b"keep-alive") {
             continue;
+        } else if is_stripped_later(name) {
+            raw = false;
         }
-        let name = HeaderName::from_bytes(name)
-            .map_err(|_| SendError::Invalid("invalid header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
-            .map_err(|_| SendError::Invalid("invalid header value".into()))?;
-        headers.append(name, value);
+        kept.push(*s);
     }
+    // A reason phrase other than the usual one goes to the client as it is.
+    let reason_phrase = reason.and_then(|(a, b)| {
+        let text = &head[a as usize..b as usize];
+        if status.canonical_reason().map(str::as_bytes) == Some(text) {
+            return None;
+        }
+        hyper::ext::ReasonPhrase::try_from(head.slice(a as usize..b as usize)).ok()
+    });
+    // httparse took only token names and values of visible characters, spaces
+    // and tabs: what a header map takes too.
+    let (headers, fields) = if raw {
+        (HeaderMap::new(), Some(RawFields { head, spans: kept }))
+    } else {
+        let mut headers = HeaderMap::with_capacity(kept.len());
+        for s in &kept {
+            let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
+                .map_err(|_| SendError::Invalid("invalid header name".into()))?;
+            let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
+                .map_err(|_| SendError::Invalid("invalid header value".into()))?;
+            headers.append(name, value);
+        }
+        (headers, None)
+    };
     let bodiless = is_head || code == 101 || code == 204 || code == 304;
     let state = if bodiless {
         State::Done
@@ -705,26 +773,39 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     *resp.status_mut() = status;
     *resp.version_mut() = version;
     *resp.headers_mut() = headers;
-    if let Some((a, b)) = reason {
-        let text = &head[a as usize..b as usize];
-        if status.canonical_reason().map(str::as_bytes) != Some(text)
-            && let Ok(r) = hyper::ext::ReasonPhrase::try_from(head.slice(a as usize..b as usize))
-        {
-            resp.extensions_mut().insert(r);
-        }
+    if let Some(r) = reason_phrase {
+        resp.extensions_mut().insert(r);
     }
     let (parts, ()) = resp.into_parts();
     Ok(Some(Head {
         parts,
+        fields,
         state,
         reuse,
         buf: BytesMut::new(),
     }))
 }
 
+/// Whether a response field is one the proxy strips from a header map of the
+/// response (other than those `parse_head` leaves out itself).
+fn is_stripped_later(name: &[u8]) -> bool {
+    [
+        &b"upgrade"[..],
+        b"te",
+        b"trailer",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n))
+}
+
 /// A response body read from an upstream HTTP/1.1 connection. When it has
 /// been read to its end cleanly, the connection goes back to the pool.
 pub struct H1Body {
+    /// The response's header fields, when they are not in its header map.
+    fields: Option<RawFields>,
     conn: Option<Conn>,
     buf: BytesMut,
     state: State,
@@ -746,6 +827,17 @@ fn body_error(what: &'static str) -> BoxError {
 }
 
 impl H1Body {
+    /// The response's header fields as the upstream wrote them, when they are
+    /// not in the response's header map (see [`RawFields`]).
+    pub fn fields(&self) -> Option<&RawFields> {
+        self.fields.as_ref()
+    }
+
+    /// Take the fields [`H1Body::fields`] gives, to put them in a header map.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
+    }
+
     /// The connection and the bytes read past the head, for a `101 Switching
     /// Protocols` answer: from here on the connection carries the new protocol.
     pub fn into_upgraded(mut self) -> Option<(UpIo, Bytes)> {
@@ -994,9 +1086,21 @@ mod tests {
         )
         .expect("parses")
         .expect("complete");
-        let names: Vec<&str> = h.parts.headers.keys().map(|n| n.as_str()).collect();
-        assert_eq!(names, ["x-app"]);
+        // Kept as the upstream wrote them, out of the header map.
+        assert!(h.parts.headers.is_empty());
+        let fields = h.fields.as_ref().expect("raw fields");
+        let kept: Vec<(&[u8], &[u8])> = fields.iter().collect();
+        assert_eq!(kept, [(&b"X-App"[..], &b"1"[..])]);
         assert_eq!(h.state, State::ChunkSize);
+        // A field the proxy strips from a map sends the head to one.
+        for field in ["Upgrade: h2c", "TE: trailers", "Trailer: x", "Proxy-Connection: x"] {
+            let text = format!("HTTP/1.1 200 OK\r\n{field}\r\nX-App: 1\r\nContent-Length: 0\r\n\r\n");
+            let h = parse(text.as_bytes(), false)
+                .expect("parses")
+                .expect("complete");
+            assert!(h.fields.is_none(), "{field}");
+            assert_eq!(h.parts.headers.len(), 3, "{field}");
+        }
         // A Connection that names other fields stays, for the proxy to drop them.
         let h = parse(
             b"HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nX-Secret: s\r\nContent-Length: 0\r\n\r\n",

@@ -95,6 +95,26 @@ fn no_reachable_peer_answers_502_quickly() {
     assert!(took < Duration::from_secs(1), "{took:?}");
 }
 
+/// A read_timeout longer than the client timeouts, whose timer the connection's
+/// loop also serves: the 504 comes after read_timeout, neither at the first
+/// tick of the client timer nor later.
+#[test]
+fn read_timeout_longer_than_client_timeouts() {
+    let b = Backends::start(1);
+    b.get(0).knobs.hang.store(1, Relaxed);
+    let cfg = config("read_timeout = \"1500ms\"", &b.servers("")).replace(
+        "workers = 1\n",
+        "workers = 1\nclient_header_timeout = \"400ms\"\nkeepalive_timeout = \"400ms\"\n",
+    );
+    let f = Ferry::start(&cfg);
+    let (status, body, took) = get(&f.url("/"));
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        took >= Duration::from_millis(1450) && took < Duration::from_secs(4),
+        "504 after {took:?}, read_timeout = 1500ms"
+    );
+}
+
 /// A peer that accepts but never answers: 504 after read_timeout, not later.
 #[test]
 fn hanging_peer_answers_504_after_read_timeout() {

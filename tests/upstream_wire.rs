@@ -340,3 +340,44 @@ fn a_pooled_connection_the_upstream_closed_is_not_used() {
     assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{}", r.head);
     assert_eq!(up.accepts(), 2);
 }
+
+#[test]
+fn fields_pass_as_written_without_this_hops_own() {
+    let up = Scripted::start(|_, _| {
+        vec![
+            Step::ReadBody,
+            send(
+                b"HTTP/1.1 200 OK\r\nX-Mixed-Case: v 1\r\nConnection: keep-alive\r\n\
+                  Keep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nContent-Length: 2\r\n\
+                  Set-Cookie: b=2\r\n\r\nok",
+            ),
+        ]
+    });
+    let f = ferry_for(&up);
+    let mut c = RawConn::connect(f.addr);
+    // ferry's own loop writes the upstream's fields as they came, name case
+    // and order kept; this hop's Connection and Keep-Alive stay behind.
+    let r = c.request("GET", "/", &[]);
+    assert_eq!(r.text(), "ok");
+    assert!(
+        r.head.contains("\nX-Mixed-Case: v 1\nSet-Cookie: a=1\nContent-Length: 2\nSet-Cookie: b=2\n"),
+        "{}",
+        r.head
+    );
+    assert!(!r.head.to_ascii_lowercase().contains("keep-alive"), "{}", r.head);
+    // A request with a body goes through hyper's server, which writes from a
+    // header map: the same fields, both cookies.
+    c.send(b"POST / HTTP/1.1\r\nHost: ferry.test\r\nContent-Length: 3\r\n\r\nabc");
+    let r = c.read_response(false);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(r.header("x-mixed-case"), Some("v 1"));
+    let cookies: Vec<&str> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    assert!(!r.head.to_ascii_lowercase().contains("keep-alive"), "{}", r.head);
+    assert_eq!(up.accepts(), 1);
+}
