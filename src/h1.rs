@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::body::ClientBody;
 use crate::conn::{ClientIo, ConnState, READING, WAITING};
 use crate::peer::now_ms;
-use crate::proxy::{Ctx, RespBody, handle};
+use crate::proxy::{Ctx, RespBody};
 use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
 
 /// Most header fields in a request head (hyper's limit too); more goes to
@@ -186,10 +186,7 @@ async fn serve_one<I: AsyncWrite + Unpin>(
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> io::Result<bool> {
     let is_head = req.method() == Method::HEAD;
-    let resp = match handle(Arc::clone(ctx), req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
-    };
+    let resp = crate::proxy::answer!(ctx, req);
     close |= *stop.borrow();
     write_response(io, resp, is_head, &mut close).await?;
     Ok(close)

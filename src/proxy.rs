@@ -187,7 +187,7 @@ pub struct RespBody {
     done: Option<Done>,
 }
 
-enum Kind {
+pub(crate) enum Kind {
     Upstream {
         body: UpBody,
         read_timeout: Duration,
@@ -244,7 +244,7 @@ impl std::fmt::Debug for RespBody {
 
 /// A response body from an upstream: read by ferry's HTTP/1.1 client, or by
 /// hyper's HTTP/2 client.
-enum UpBody {
+pub(crate) enum UpBody {
     H1(H1Body),
     H2(Incoming),
 }
@@ -397,7 +397,7 @@ use std::future::Future as _;
 /// Bookkeeping when a response ends (complete or not): in-flight slot
 /// released, metrics, access log, connection state. (A pooled upstream
 /// connection goes back as soon as its response body has been read.)
-struct Done {
+pub(crate) struct Done {
     ctx: Arc<Ctx>,
     up: Option<Arc<Upstream>>,
     _guard: Option<InFlight>,
@@ -405,8 +405,10 @@ struct Done {
     status: u16,
     bytes: u64,
     complete: bool,
-    log: Option<RequestPart>,
-    trail: Trail,
+    /// With the access log on: the request's part of the entry, and the
+    /// upstreams tried. Boxed: a request without a log carries 8 bytes, not
+    /// some 300, through every move of its response.
+    log: Option<Box<(RequestPart, Trail)>>,
     note: Option<&'static str>,
 }
 
@@ -419,7 +421,8 @@ impl Drop for Done {
         {
             h.observe(elapsed.as_secs_f64());
         }
-        if let Some(part) = &self.log {
+        if let Some(log) = &self.log {
+            let (part, trail) = &**log;
             self.ctx.shared.log.finish(
                 part,
                 &End {
@@ -427,7 +430,7 @@ impl Drop for Done {
                     at: now.into_std(),
                     status: self.status,
                     bytes: self.bytes,
-                    upstreams: &self.trail,
+                    upstreams: trail,
                     request_time: elapsed,
                     note: self.note,
                 },
@@ -525,63 +528,122 @@ fn is_idempotent(m: &Method) -> bool {
     !matches!(m.as_str(), "POST" | "PATCH" | "LOCK")
 }
 
+/// Serve one client request and give its response: the steps of
+/// [`handle`], written out in place so that ferry's HTTP/1.1 loop runs them in
+/// its own future rather than awaiting one more (whose state would be copied
+/// in at every request).
+macro_rules! answer {
+    ($ctx:expr, $req:expr) => {{
+        let ctx: &Arc<Ctx> = $ctx;
+        let req: Request<ClientBody> = $req;
+        let (mut done, had_body, local) = $crate::proxy::begin(ctx, &req);
+        let mut resp = None;
+        if local {
+            resp = $crate::proxy::answered_locally(&req, ctx, &mut done).await;
+        }
+        let resp = match resp {
+            Some(r) => r,
+            None => match $crate::proxy::route(ctx, &req, &mut done) {
+                Err(r) => r,
+                Ok((up, body_limit)) => {
+                    $crate::proxy::forward(ctx, &up, req, body_limit, &mut done).await
+                }
+            },
+        };
+        $crate::proxy::end(ctx, resp, done, had_body)
+    }};
+}
+pub(crate) use answer;
+
 /// Serve one client request.
 pub async fn handle(
     ctx: Arc<Ctx>,
     req: Request<ClientBody>,
 ) -> Result<Response<RespBody>, Infallible> {
-    ctx.state.request_started();
-    let metrics = ctx.shared.metrics;
-    metrics.worker(ctx.worker).requests.fetch_add(1, Relaxed);
-    let start = Instant::now();
-    let rt = ctx.shared.runtime.load_full();
+    Ok(answer!(&ctx, req))
+}
 
-    let log = ctx.shared.log.request_part(&req);
-    let mut done = Done {
-        ctx: Arc::clone(&ctx),
+/// The start of a request: counted, timed, and whether the listener may answer
+/// it itself ([`plain_listener_answer`]). Returns its [`Done`], whether it
+/// has a body, and that.
+pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, bool) {
+    ctx.state.request_started();
+    ctx.shared
+        .metrics
+        .worker(ctx.worker)
+        .requests
+        .fetch_add(1, Relaxed);
+    let log = ctx
+        .shared
+        .log
+        .request_part(req)
+        .map(|part| Box::new((part, Trail::new())));
+    let done = Done {
+        ctx: Arc::clone(ctx),
         up: None,
         _guard: None,
-        start,
+        start: Instant::now(),
         status: 0,
         bytes: 0,
         complete: false,
         log,
-        trail: Trail::new(),
         note: None,
     };
-
     let had_body = !req.body().is_end_stream();
-    let server = &rt.config.server;
-    let local = if ctx.scheme == "http" && (server.redirect_https || server.acme_webroot.is_some())
-    {
-        // Boxed: inline, this rare path's state (a file read) would make every
-        // request's future larger.
-        let answer = Box::pin(plain_listener_answer(&req, server));
-        answer.await
-    } else {
-        None
+    let local = ctx.scheme == "http" && {
+        let rt = ctx.shared.runtime.load();
+        let server = &rt.config.server;
+        server.redirect_https || server.acme_webroot.is_some()
     };
-    let resp = if let Some((resp, note)) = local {
-        done.note = Some(note);
-        resp
-    } else {
-        match check_request(&req, &rt) {
-            Err((status, text, note)) => {
-                if status == StatusCode::NOT_FOUND {
-                    metrics.unrouted.fetch_add(1, Relaxed);
-                }
-                done.note = Some(note);
-                full(status, text)
+    (done, had_body, local)
+}
+
+/// The answer of [`plain_listener_answer`], if any, noted in `done`.
+pub(crate) async fn answered_locally(
+    req: &Request<ClientBody>,
+    ctx: &Ctx,
+    done: &mut Done,
+) -> Option<Response<Kind>> {
+    // Boxed: inline, this rare path's state (a file read) would make every
+    // request's future larger.
+    let answer = Box::pin(plain_listener_answer(req, ctx));
+    let (resp, note) = answer.await?;
+    done.note = Some(note);
+    Some(resp)
+}
+
+/// The upstream a request goes to, and the body size limit; or the answer
+/// when it must not be forwarded.
+pub(crate) fn route(
+    ctx: &Ctx,
+    req: &Request<ClientBody>,
+    done: &mut Done,
+) -> Result<(Arc<Upstream>, u64), Response<Kind>> {
+    let rt = ctx.shared.runtime.load();
+    match check_request(req, &rt) {
+        Err((status, text, note)) => {
+            if status == StatusCode::NOT_FOUND {
+                ctx.shared.metrics.unrouted.fetch_add(1, Relaxed);
             }
-            Ok(ui) => {
-                let up = Arc::clone(&rt.upstreams[ui]);
-                done.up = Some(Arc::clone(&up));
-                let body_limit = rt.config.server.client_max_body_size;
-                drop(rt);
-                forward(&ctx, &up, req, body_limit, &mut done).await
-            }
+            done.note = Some(note);
+            Err(full(status, text))
         }
-    };
+        Ok(ui) => {
+            let up = Arc::clone(&rt.upstreams[ui]);
+            done.up = Some(Arc::clone(&up));
+            Ok((up, rt.config.server.client_max_body_size))
+        }
+    }
+}
+
+/// The response for the client, which finishes the request's [`Done`] when
+/// its body ends.
+pub(crate) fn end(
+    ctx: &Ctx,
+    resp: Response<Kind>,
+    mut done: Done,
+    had_body: bool,
+) -> Response<RespBody> {
     let (mut parts, kind) = resp.into_parts();
     done.status = parts.status.as_u16();
     if let Kind::Full(_) = kind
@@ -597,13 +659,13 @@ pub async fn handle(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         ctx.state.linger_on_close();
     }
-    Ok(Response::from_parts(
+    Response::from_parts(
         parts,
         RespBody {
             kind,
             done: Some(done),
         },
-    ))
+    )
 }
 
 /// Where certbot's webroot plugin puts HTTP-01 challenge files, under the
@@ -619,8 +681,10 @@ const ACME_MAX_FILE: u64 = 64 * 1024;
 /// The access log note says which.
 async fn plain_listener_answer(
     req: &Request<ClientBody>,
-    server: &crate::config::ServerConfig,
+    ctx: &Ctx,
 ) -> Option<(Response<Kind>, &'static str)> {
+    let rt = ctx.shared.runtime.load_full();
+    let server = &rt.config.server;
     if let Some(webroot) = &server.acme_webroot
         && let Some(token) = req.uri().path().strip_prefix(ACME_CHALLENGE)
     {
@@ -952,7 +1016,7 @@ fn pick(
     Some((Arc::clone(peer), pos))
 }
 
-async fn forward(
+pub(crate) async fn forward(
     ctx: &Arc<Ctx>,
     up: &Arc<Upstream>,
     mut req: Request<ClientBody>,
@@ -1120,8 +1184,8 @@ async fn forward(
             Ok(resp) => {
                 let status = resp.status();
                 peer.stats.count_status(status.as_u16());
-                if done.log.is_some() {
-                    done.trail
+                if let Some(log) = &mut done.log {
+                    log.1
                         .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
                 }
                 if let Some(h) = up.header_hists.get(pos) {
@@ -1188,8 +1252,8 @@ async fn forward(
                         "upstream error",
                     )
                 };
-                if done.log.is_some() {
-                    done.trail
+                if let Some(log) = &mut done.log {
+                    log.1
                         .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
                 }
                 peer.stats.count_fail(reason);
