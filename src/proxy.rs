@@ -79,7 +79,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-use crate::upstream_h1::{RawFields, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP};
+use crate::upstream_h1::{
+    RawFields, X_FORWARDED_FOR, X_FORWARDED_HOST, X_FORWARDED_PROTO, X_REAL_IP,
+};
 
 /// What [`strip_hop_by_hop`] found among the headers it removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -187,6 +189,9 @@ pub struct RespBody {
     done: Option<Done>,
 }
 
+// The large variant is the usual one: boxing it would cost an allocation per
+// request.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Kind {
     Upstream {
         body: UpBody,
@@ -445,7 +450,7 @@ impl Drop for Done {
     }
 }
 
-fn full(status: StatusCode, text: &'static str) -> Response<Kind> {
+pub(crate) fn full(status: StatusCode, text: &'static str) -> Response<Kind> {
     let mut r = Response::new(Kind::Full(Some(Bytes::from_static(text.as_bytes()))));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -544,7 +549,7 @@ macro_rules! answer {
         let resp = match resp {
             Some(r) => r,
             None => match $crate::proxy::route(ctx, &req, &mut done) {
-                Err(r) => r,
+                Err((status, text)) => $crate::proxy::full(status, text),
                 Ok((up, body_limit)) => {
                     $crate::proxy::forward(ctx, &up, req, body_limit, &mut done).await
                 }
@@ -612,13 +617,13 @@ pub(crate) async fn answered_locally(
     Some(resp)
 }
 
-/// The upstream a request goes to, and the body size limit; or the answer
-/// when it must not be forwarded.
+/// The upstream a request goes to, and the body size limit; or the status
+/// and text of the answer when it must not be forwarded.
 pub(crate) fn route(
     ctx: &Ctx,
     req: &Request<ClientBody>,
     done: &mut Done,
-) -> Result<(Arc<Upstream>, u64), Response<Kind>> {
+) -> Result<(Arc<Upstream>, u64), (StatusCode, &'static str)> {
     let rt = ctx.shared.runtime.load();
     match check_request(req, &rt) {
         Err((status, text, note)) => {
@@ -626,7 +631,7 @@ pub(crate) fn route(
                 ctx.shared.metrics.unrouted.fetch_add(1, Relaxed);
             }
             done.note = Some(note);
-            Err(full(status, text))
+            Err((status, text))
         }
         Ok(ui) => {
             let up = Arc::clone(&rt.upstreams[ui]);
@@ -1569,9 +1574,7 @@ async fn with_read_timeout<F: Future>(
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        let due = start
-            .max(progress.load(Relaxed))
-            .saturating_add(timeout_ms);
+        let due = start.max(progress.load(Relaxed)).saturating_add(timeout_ms);
         match (ticker, sleep.as_mut().as_pin_mut()) {
             (Some(deadline), _) => {
                 if now_ms() >= due {

@@ -1093,8 +1093,14 @@ mod tests {
         assert_eq!(kept, [(&b"X-App"[..], &b"1"[..])]);
         assert_eq!(h.state, State::ChunkSize);
         // A field the proxy strips from a map sends the head to one.
-        for field in ["Upgrade: h2c", "TE: trailers", "Trailer: x", "Proxy-Connection: x"] {
-            let text = format!("HTTP/1.1 200 OK\r\n{field}\r\nX-App: 1\r\nContent-Length: 0\r\n\r\n");
+        for field in [
+            "Upgrade: h2c",
+            "TE: trailers",
+            "Trailer: x",
+            "Proxy-Connection: x",
+        ] {
+            let text =
+                format!("HTTP/1.1 200 OK\r\n{field}\r\nX-App: 1\r\nContent-Length: 0\r\n\r\n");
             let h = parse(text.as_bytes(), false)
                 .expect("parses")
                 .expect("complete");

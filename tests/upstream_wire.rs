@@ -360,11 +360,16 @@ fn fields_pass_as_written_without_this_hops_own() {
     let r = c.request("GET", "/", &[]);
     assert_eq!(r.text(), "ok");
     assert!(
-        r.head.contains("\nX-Mixed-Case: v 1\nSet-Cookie: a=1\nContent-Length: 2\nSet-Cookie: b=2\n"),
+        r.head
+            .contains("\nX-Mixed-Case: v 1\nSet-Cookie: a=1\nContent-Length: 2\nSet-Cookie: b=2\n"),
         "{}",
         r.head
     );
-    assert!(!r.head.to_ascii_lowercase().contains("keep-alive"), "{}", r.head);
+    assert!(
+        !r.head.to_ascii_lowercase().contains("keep-alive"),
+        "{}",
+        r.head
+    );
     // A request with a body goes through hyper's server, which writes from a
     // header map: the same fields, both cookies.
     c.send(b"POST / HTTP/1.1\r\nHost: ferry.test\r\nContent-Length: 3\r\n\r\nabc");
@@ -378,6 +383,10 @@ fn fields_pass_as_written_without_this_hops_own() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert_eq!(cookies, ["a=1", "b=2"]);
-    assert!(!r.head.to_ascii_lowercase().contains("keep-alive"), "{}", r.head);
+    assert!(
+        !r.head.to_ascii_lowercase().contains("keep-alive"),
+        "{}",
+        r.head
+    );
     assert_eq!(up.accepts(), 1);
 }
