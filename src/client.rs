@@ -128,19 +128,20 @@ impl std::fmt::Display for ConnectError {
     }
 }
 
-/// Take an idle connection to `peer` from this worker's pool, newest first.
-pub fn checkout(peer: &Peer) -> Option<Conn> {
+/// Take an idle connection to `peer` from this worker's pool, newest first;
+/// `now` is the time (the caller's clock reading).
+pub fn checkout(peer: &Peer, now: Instant) -> Option<Conn> {
     POOL.with(|pool| {
         let mut pool = pool.borrow_mut();
         let list = pool.idle.get_mut(&peer.id)?;
-        let now = Instant::now();
         while let Some(mut idle) = list.pop() {
             peer.idle_conns.fetch_sub(1, Relaxed);
-            if now.duration_since(idle.since) >= idle.timeout || !idle.conn.is_usable() {
+            let idle_for = now.saturating_duration_since(idle.since);
+            if idle_for >= idle.timeout || !idle.conn.is_usable() {
                 continue;
             }
             idle.conn.fresh = false;
-            idle.conn.idle = now.duration_since(idle.since);
+            idle.conn.idle = idle_for;
             return Some(idle.conn);
         }
         None

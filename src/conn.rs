@@ -76,6 +76,12 @@ impl ConnState {
     }
 
     fn set(&self, to: u8) {
+        self.set_at(to, None);
+    }
+
+    /// Enter state `to` (if not in it), which began at `at_ms` ([`now_ms`]
+    /// when not given).
+    fn set_at(&self, to: u8, at_ms: Option<u64>) {
         let from = self.state.swap(to, Relaxed);
         if from != to {
             if let Some(g) = self.gauge(from) {
@@ -84,7 +90,7 @@ impl ConnState {
             if let Some(g) = self.gauge(to) {
                 g.fetch_add(1, Relaxed);
             }
-            self.since.store(now_ms(), Relaxed);
+            self.since.store(at_ms.unwrap_or_else(now_ms), Relaxed);
         }
     }
 
@@ -107,19 +113,19 @@ impl ConnState {
         self.set(WAITING);
     }
 
-    /// A request head was parsed and is being served.
+    /// A request head was parsed and is being served, from `at_ms` ([`now_ms`]).
     #[inline]
-    pub fn request_started(&self) {
+    pub fn request_started(&self, at_ms: u64) {
         self.served.store(true, Relaxed);
         self.active.fetch_add(1, Relaxed);
-        self.set(WRITING);
+        self.set_at(WRITING, Some(at_ms));
     }
 
-    /// A response ended.
+    /// A response ended, at `at_ms` ([`now_ms`]).
     #[inline]
-    pub fn request_finished(&self) {
+    pub fn request_finished(&self, at_ms: u64) {
         if self.active.fetch_sub(1, Relaxed) == 1 && self.state.load(Relaxed) == WRITING {
-            self.set(WAITING);
+            self.set_at(WAITING, Some(at_ms));
         }
     }
 

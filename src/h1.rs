@@ -556,10 +556,8 @@ impl Seen {
     #[inline]
     fn put(&mut self, out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
         if name.eq_ignore_ascii_case(b"content-length") {
-            let valid = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some();
+            // A length in digits that fits 64 bits (19 digits always do).
+            let valid = (1..=19).contains(&value.len()) && value.iter().all(u8::is_ascii_digit);
             if !valid {
                 return;
             }

@@ -34,6 +34,11 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// What [`now_ms`] read, or would have read, at `t`.
+pub fn ms_at(t: tokio::time::Instant) -> u64 {
+    t.saturating_duration_since(clock_base()).as_millis() as u64
+}
+
 /// The instant [`now_ms`] reads as `ms`, for arming a timer at such a time.
 pub fn instant_at_ms(ms: u64) -> tokio::time::Instant {
     clock_base() + Duration::from_millis(ms)

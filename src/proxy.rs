@@ -25,7 +25,7 @@ use crate::client::{self, Conn, ConnectError};
 use crate::config::UpstreamScheme;
 use crate::conn::ConnState;
 use crate::metrics::Metrics;
-use crate::peer::{FailReason, InFlight, Peer, Tried, now_ms};
+use crate::peer::{FailReason, InFlight, Peer, Tried, ms_at, now_ms};
 use crate::runtime::{Runtime, Upstream, reset_all_fails};
 use crate::upstream_h1::{self, Forwarded, H1Body, Home, SendError};
 
@@ -446,7 +446,7 @@ impl Drop for Done {
                 .state
                 .stream_ended(self.status == 0 || !self.complete);
         }
-        self.ctx.state.request_finished();
+        self.ctx.state.request_finished(ms_at(now));
     }
 }
 
@@ -572,7 +572,8 @@ pub async fn handle(
 /// it itself ([`plain_listener_answer`]). Returns its [`Done`], whether it
 /// has a body, and that.
 pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, bool) {
-    ctx.state.request_started();
+    let start = Instant::now();
+    ctx.state.request_started(ms_at(start));
     ctx.shared
         .metrics
         .worker(ctx.worker)
@@ -587,7 +588,7 @@ pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, b
         ctx: Arc::clone(ctx),
         up: None,
         _guard: None,
-        start: Instant::now(),
+        start,
         status: 0,
         bytes: 0,
         complete: false,
@@ -840,7 +841,7 @@ fn upstream_request(
     ctx: &Ctx,
     req: Request<ClientBody>,
     limit: u64,
-    started: &Arc<AtomicU64>,
+    started: Option<&Arc<AtomicU64>>,
     scheme: UpstreamScheme,
 ) -> (Request<ReqBody>, Forwarded, bool) {
     let (mut parts, body) = req.into_parts();
@@ -928,7 +929,7 @@ fn upstream_request(
     }
     let body = match body.into_incoming() {
         None => ReqBody::Empty,
-        Some(b) => ReqBody::stream(b, limit, Arc::clone(started)),
+        Some(b) => ReqBody::stream(b, limit, started.cloned().unwrap_or_default()),
     };
     (Request::from_parts(parts, body), fwd, upgrade)
 }
@@ -996,8 +997,8 @@ fn pick(
     worker: usize,
     key: &RequestKey<'_>,
     tried: &mut (Tried, Tried),
+    now: u64,
 ) -> Option<(Arc<Peer>, usize)> {
-    let now = now_ms();
     let b = up.balancers(worker);
     let choose = |s: &dyn crate::balance::Strategy, peers: &[Arc<Peer>], t: &mut Tried| {
         let i = s.pick(peers, key, t, now)?;
@@ -1042,13 +1043,16 @@ pub(crate) async fn forward(
     if req.headers().contains_key(header::UPGRADE) {
         client_upgrade = Some(hyper::upgrade::on(&mut req));
     }
-    let started = Arc::new(AtomicU64::new(0));
+    // When the request body last moved (ms; 0 = not yet): only a body that
+    // streams has one.
+    let started = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
     // One binding for the request from here on: each new one would take its
     // own room in this future's state.
     // The request to send next, when there is one. Built in a block so that no
     // other binding holds it: each would take its own room in this future.
     let (mut pending, fwd, upgrade) = {
-        let (r, fwd, upgrade) = upstream_request(ctx, req, body_limit, &started, cfg.scheme);
+        let (r, fwd, upgrade) =
+            upstream_request(ctx, req, body_limit, started.as_ref(), cfg.scheme);
         (Some(r), fwd, upgrade)
     };
     let Some(req) = pending.as_mut() else {
@@ -1116,7 +1120,15 @@ pub(crate) async fn forward(
     let mut last: Option<(StatusCode, &'static str)> = None;
 
     loop {
-        let picked = match pick(up, ctx.worker, &key, &mut tried) {
+        // The first attempt starts with the request (a few microseconds of
+        // routing apart): one clock reading for both.
+        let t0 = if attempts == 0 {
+            done.start
+        } else {
+            Instant::now()
+        };
+        let t0_ms = ms_at(t0);
+        let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
             Some(p) => Some(p),
             None if attempts == 0 && superseded(ctx, up) => {
                 // A reload (or new DNS answers) replaced this request's
@@ -1179,12 +1191,17 @@ pub(crate) async fn forward(
             up.stats.retries.fetch_add(1, Relaxed);
         }
         let guard = peer.start_request();
-        let t0 = Instant::now();
-        let ticker = ctx.ticked.then_some(&ctx.read_deadline);
-        let result = attempt(&peer, cfg, req, &fwd, idempotent, &started, ticker).await;
+        let clock = Clock {
+            t0,
+            t0_ms,
+            progress: started.as_deref(),
+            ticker: ctx.ticked.then_some(&ctx.read_deadline),
+        };
+        let result = attempt(&peer, cfg, req, &fwd, idempotent, &clock).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
-        let took = t0.elapsed();
-        let now = now_ms();
+        let answered = Instant::now();
+        let took = answered.saturating_duration_since(t0);
+        let now = ms_at(answered);
         match result {
             Ok(resp) => {
                 let status = resp.status();
@@ -1281,7 +1298,8 @@ pub(crate) async fn forward(
                     && attempts < max_tries
                     && deadline.is_none_or(|d| Instant::now() < d)
                     && (!sent || idempotent || cfg.next_upstream.non_idempotent)
-                    && (replayable || (!sent && started.load(Relaxed) == 0));
+                    && (replayable
+                        || (!sent && started.as_ref().is_none_or(|s| s.load(Relaxed) == 0)));
                 if !may_retry {
                     tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
                     break;
@@ -1326,7 +1344,7 @@ async fn wait_in_queue(
         let freed = up.stats.slot_freed.notified();
         tokio::pin!(freed);
         freed.as_mut().enable();
-        if let Some(p) = pick(up, worker, key, tried) {
+        if let Some(p) = pick(up, worker, key, tried, now_ms()) {
             break Ok(p);
         }
         if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -1424,16 +1442,15 @@ async fn attempt(
     req: &mut Request<ReqBody>,
     fwd: &Forwarded,
     idempotent: bool,
-    started: &Arc<AtomicU64>,
-    ticker: Option<&AtomicU64>,
+    clock: &Clock<'_>,
 ) -> Result<Response<UpBody>, AttemptError> {
     if cfg.scheme.is_h2() {
         // Boxed: inline, its state would grow this future, which HTTP/1.1
         // requests move around too.
-        let h2 = Box::pin(attempt_h2(peer, cfg, req, started, ticker));
+        let h2 = Box::pin(attempt_h2(peer, cfg, req, clock));
         return h2.await.map(|r| r.map(UpBody::H2));
     }
-    let mut pooled = client::checkout(peer);
+    let mut pooled = client::checkout(peer, clock.t0);
     let mut resent = false;
     loop {
         let mut conn: Conn = match pooled.take() {
@@ -1449,7 +1466,7 @@ async fn attempt(
         let waited = {
             let sent = upstream_h1::send(&mut conn, req, fwd);
             tokio::pin!(sent);
-            with_read_timeout(sent, cfg.read_timeout, started, ticker).await
+            with_read_timeout(sent, cfg.read_timeout, clock).await
         };
         let err = match waited {
             None => return Err(AttemptError::Timeout),
@@ -1469,7 +1486,7 @@ async fn attempt(
             }
             SendError::NotSent(_) => {
                 // A reused connection the peer closed: nothing was written.
-                pooled = client::checkout(peer);
+                pooled = client::checkout(peer, Instant::now());
                 continue;
             }
             SendError::Body(e) if is_body_too_large(&*e) => return Err(AttemptError::TooLarge),
@@ -1499,8 +1516,7 @@ async fn attempt_h2(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
-    started: &Arc<AtomicU64>,
-    ticker: Option<&AtomicU64>,
+    clock: &Clock<'_>,
 ) -> Result<Response<Incoming>, AttemptError> {
     let mut replaced = false;
     loop {
@@ -1526,7 +1542,7 @@ async fn attempt_h2(
         let fut = tx.try_send_request(out);
         drop(tx);
         tokio::pin!(fut);
-        match with_read_timeout(fut, cfg.read_timeout, started, ticker).await {
+        match with_read_timeout(fut, cfg.read_timeout, clock).await {
             None => return Err(AttemptError::Timeout),
             Some(Ok(resp)) => return Ok(resp),
             Some(Err(mut e)) => {
@@ -1555,29 +1571,48 @@ async fn attempt_h2(
     }
 }
 
+/// When an attempt began, and what moves its read timeout.
+struct Clock<'a> {
+    /// When the attempt began, and that as [`now_ms`] reads it.
+    t0: Instant,
+    t0_ms: u64,
+    /// When the request body last moved (ms; 0 = not yet), for a body that
+    /// streams.
+    progress: Option<&'a AtomicU64>,
+    /// Where the connection's loop takes the deadline its timer wakes the
+    /// request by ([`Ctx::read_deadline`]), when it has such a timer.
+    ticker: Option<&'a AtomicU64>,
+}
+
 /// Await response headers (`fut`), or `None` once `read_timeout` passed since
-/// the later of the start and the request body's last progress, so that a long
-/// upload is not cut. With `ticker`, the connection's loop wakes the request by
-/// the deadline stored there ([`Ctx::read_deadline`]) and no timer is armed
-/// here: serving a request then costs no timer work.
+/// the later of the attempt's start and the request body's last progress, so
+/// that a long upload is not cut. With a ticker ([`Clock::ticker`]), the
+/// connection's loop wakes the request by the deadline stored there and no
+/// timer is armed here: serving a request then costs no timer work.
 async fn with_read_timeout<F: Future>(
     mut fut: Pin<&mut F>,
     timeout: Duration,
-    progress: &AtomicU64,
-    ticker: Option<&AtomicU64>,
+    clock: &Clock<'_>,
 ) -> Option<F::Output> {
-    let start = now_ms();
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    let sleep = ticker.is_none().then(|| tokio::time::sleep(timeout));
+    let sleep = clock
+        .ticker
+        .is_none()
+        .then(|| tokio::time::sleep_until(clock.t0 + timeout));
     tokio::pin!(sleep);
+    let mut first = true;
     let got = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
             return Poll::Ready(Some(r));
         }
-        let due = start.max(progress.load(Relaxed)).saturating_add(timeout_ms);
-        match (ticker, sleep.as_mut().as_pin_mut()) {
+        let moved = clock.progress.map_or(0, |p| p.load(Relaxed));
+        let due = clock.t0_ms.max(moved).saturating_add(timeout_ms);
+        // On the first poll the attempt has just begun: no need to look at
+        // the clock.
+        let waited = !std::mem::replace(&mut first, false);
+        match (clock.ticker, sleep.as_mut().as_pin_mut()) {
             (Some(deadline), _) => {
-                if now_ms() >= due {
+                if waited && now_ms() >= due {
                     return Poll::Ready(None);
                 }
                 deadline.store(due, Relaxed);
@@ -1595,7 +1630,7 @@ async fn with_read_timeout<F: Future>(
         Poll::Pending
     })
     .await;
-    if let Some(deadline) = ticker {
+    if let Some(deadline) = clock.ticker {
         deadline.store(0, Relaxed);
     }
     got
