@@ -95,7 +95,7 @@ pub struct Peer {
     /// Requests completed (any outcome) through this peer.
     requests: AtomicU64,
     /// Response-time estimate used by `least_time` (the one in `hot`).
-    pub latency: &'static Ewma,
+    pub latency: Latency,
     /// Counters exported as metrics.
     pub stats: PeerStats,
     /// Idle pooled connections to this peer, across all workers.
@@ -208,14 +208,46 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 pub struct Hot {
     /// Response-time estimate used by `least_time`.
     pub latency: Ewma,
-    in_flight: AtomicU32,
+    /// Low 32 bits: requests in flight. High 32 bits: response times recorded
+    /// in `latency` (wrapping). One word, so that a strategy can tell with one
+    /// read per peer that neither moved since it last looked.
+    moves: AtomicU64,
 }
 
 impl Hot {
     /// Requests currently in flight to the peer.
     #[inline]
     pub fn in_flight(&self) -> u32 {
-        self.in_flight.load(Relaxed)
+        self.moves.load(Relaxed) as u32
+    }
+
+    /// The in-flight count and the count of recorded response times, in one
+    /// word: when it reads the same twice, neither changed in between. A read
+    /// that sees a recorded time counted sees that time in `latency` too.
+    #[inline]
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Acquire)
+    }
+}
+
+/// A peer's response-time estimate (in its [`Hot`] slot): reads as the
+/// [`Ewma`]; recording a time also counts it in [`Hot::moves`].
+#[derive(Debug, Clone, Copy)]
+pub struct Latency(&'static Hot);
+
+impl Latency {
+    /// Record one response time (see [`Ewma::record`]).
+    pub fn record(&self, sample: Duration, now_ms: u64) {
+        self.0.latency.record(sample, now_ms);
+        self.0.moves.fetch_add(1 << 32, Release);
+    }
+}
+
+impl std::ops::Deref for Latency {
+    type Target = Ewma;
+
+    fn deref(&self) -> &Ewma {
+        &self.0.latency
     }
 }
 
@@ -270,7 +302,7 @@ fn take_hot() -> (&'static Hot, HotPlace) {
         };
         (hot, place)
     });
-    hot.in_flight.store(0, Relaxed);
+    hot.moves.store(0, Relaxed);
     hot.latency.reset();
     (hot, place)
 }
@@ -322,7 +354,7 @@ impl Peer {
             draining: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             requests: AtomicU64::new(0),
-            latency: &hot.latency,
+            latency: Latency(hot),
             stats: PeerStats::default(),
             idle_conns: AtomicU32::new(0),
             ramp_start: AtomicU64::new(0),
@@ -592,7 +624,7 @@ impl Peer {
     /// Take an in-flight slot; dropping the guard gives it back.
     #[inline]
     pub fn start_request(self: &std::sync::Arc<Self>) -> InFlight {
-        self.hot.in_flight.fetch_add(1, Relaxed);
+        self.hot.moves.fetch_add(1, Relaxed);
         self.requests.fetch_add(1, Relaxed);
         InFlight(self.clone())
     }
@@ -618,7 +650,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.hot.in_flight.fetch_sub(1, Relaxed);
+        self.0.hot.moves.fetch_sub(1, Relaxed);
         if self.0.params.max_conns > 0
             && let Some(n) = self.0.release.get()
         {
@@ -801,9 +833,12 @@ mod tests {
         let a = Arc::new(Peer::new("127.0.0.1:1".parse().unwrap(), params(1, 1)));
         let b = Arc::new(Peer::new("127.0.0.1:2".parse().unwrap(), params(1, 1)));
         assert!(!std::ptr::eq(a.hot(), b.hot()));
-        assert!(std::ptr::eq(a.latency, &a.hot().latency));
+        assert!(std::ptr::eq(&*a.latency, &a.hot().latency));
         let _g = b.start_request();
+        let before = b.hot().moves();
         b.latency.record(Duration::from_millis(3), 1000);
+        // A recorded time moves the word; the in-flight count in it stays.
+        assert_ne!(b.hot().moves(), before);
         assert_eq!((a.in_flight(), b.hot().in_flight()), (0, 1));
         drop(_g);
         // A dropped peer's slot goes to a later peer, cleared; a live peer's

@@ -2,7 +2,7 @@
 
 use std::borrow::Borrow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use super::{
     CalmView, HotSlots, HotView, RequestKey, SmoothWrr, Strategy, candidates, commit, or_pairs,
@@ -44,15 +44,12 @@ pub struct LeastTime {
     /// Per peer, what of its [`Hot`] slot the calm shortcut last saw, side by
     /// side for the look at whether anything moved.
     seen_hot: Box<[SeenHot]>,
-    /// Whether any in-flight count in `seen_hot` is not 0 (if not, comparing
-    /// the counts with them is checking that none has one).
-    seen_busy: AtomicBool,
     /// Per peer, the buckets of the estimate state in `seen_hot`.
     seen: Box<[Seen]>,
     /// The peers that tied for the lowest score at the last full look of the
     /// calm shortcut (bit `i` = peer `i`; 0 = none kept), valid while every
-    /// peer's estimate state and in-flight count are still those in
-    /// `seen_hot` and the time is still `tied_at`.
+    /// peer's [`Hot::moves`] is still the one in `seen_hot` and the time is
+    /// still `tied_at`.
     tied: AtomicU64,
     tied_at: AtomicU64,
 }
@@ -62,8 +59,9 @@ pub struct LeastTime {
 struct SeenHot {
     /// The estimate state ([`Ewma::state`]); 0 = never sampled.
     state: AtomicU64,
-    /// The in-flight count at the last full look.
-    flight: AtomicU32,
+    /// [`Hot::moves`] at the last full look: while it reads the same, the
+    /// in-flight count and the estimate state are the ones seen then.
+    moves: AtomicU64,
 }
 
 /// The bucketed estimates of one peer as of one read of its [`Ewma`] state
@@ -127,7 +125,6 @@ impl LeastTime {
             calm: CalmView::new(),
             hot: HotView::new(peers),
             seen_hot: peers.iter().map(|_| SeenHot::default()).collect(),
-            seen_busy: AtomicBool::new(false),
             seen: peers.iter().map(|_| Seen::new()).collect(),
             tied: AtomicU64::new(0),
             tied_at: AtomicU64::new(0),
@@ -141,7 +138,8 @@ impl LeastTime {
     /// The scores are a function of the peers' estimate states, in-flight counts
     /// and the time: when none of these moved since the last full look, the same
     /// peers tie for the lowest score and smooth WRR runs among them at once
-    /// (one pass comparing each peer's two words with what `seen` holds).
+    /// (one pass comparing each peer's [`Hot::moves`] word, which changes with
+    /// its in-flight count and with every sample, with what `seen_hot` holds).
     /// Otherwise the full look: one pass reads each peer's [`Hot`] slot and takes
     /// its bucketed times from [`Seen`], a second forms the scores, and
     /// [`SmoothWrr::lowest_set`] finds the peers tying for the lowest score per
@@ -167,19 +165,9 @@ impl LeastTime {
         let mut wrr = self.wrr.hold();
         let tied = self.tied.load(Relaxed);
         if tied != 0 && self.tied_at.load(Relaxed) == now {
-            let moved = if self.seen_busy.load(Relaxed) {
-                or_pairs(hot, &self.seen_hot, |h, seen| {
-                    let h = h.borrow();
-                    (h.latency.state() ^ seen.state.load(Relaxed))
-                        | u64::from(h.in_flight() ^ seen.flight.load(Relaxed))
-                })
-            } else {
-                // Every count seen was 0: any count is a move.
-                or_pairs(hot, &self.seen_hot, |h, seen| {
-                    let h = h.borrow();
-                    (h.latency.state() ^ seen.state.load(Relaxed)) | u64::from(h.in_flight())
-                })
-            };
+            let moved = or_pairs(hot, &self.seen_hot, |h, seen| {
+                h.borrow().moves() ^ seen.moves.load(Relaxed)
+            });
             if moved == 0 {
                 return wrr.pick_in(tied);
             }
@@ -187,21 +175,21 @@ impl LeastTime {
         let mut time = [0u64; 64];
         let mut flight = [0u32; 64];
         let mut floor = u64::MAX;
-        let mut busy = 0;
         let seen = self.seen.iter().zip(self.seen_hot.iter());
         for (i, (h, (seen, seen_hot))) in hot.iter().zip(seen).enumerate() {
             let h = h.borrow();
-            let in_flight = h.in_flight();
+            // The count word first: a sample it counts is in the state read
+            // after it.
+            let moves = h.moves();
+            let in_flight = moves as u32;
             let (last, t) = seen.read(&seen_hot.state, h.latency.state(), now, in_flight == 0);
-            seen_hot.flight.store(in_flight, Relaxed);
-            busy |= in_flight;
+            seen_hot.moves.store(moves, Relaxed);
             if last > 0 {
                 floor = floor.min(last);
             }
             time[i] = t;
             flight[i] = in_flight;
         }
-        self.seen_busy.store(busy != 0, Relaxed);
         let floor = if floor == u64::MAX { 1 } else { floor };
         let mut loads = [0u64; 64];
         let mut high = 0;
