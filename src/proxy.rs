@@ -1122,13 +1122,13 @@ pub(crate) async fn forward(
     loop {
         // The first attempt starts with the request (a few microseconds of
         // routing apart): one clock reading for both.
-        let t0 = if attempts == 0 {
+        let mut t0 = if attempts == 0 {
             done.start
         } else {
             Instant::now()
         };
-        let t0_ms = ms_at(t0);
-        let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
+        let mut waited = false;
+        let picked = match pick(up, ctx.worker, &key, &mut tried, ms_at(t0)) {
             Some(p) => Some(p),
             None if attempts == 0 && superseded(ctx, up) => {
                 // A reload (or new DNS answers) replaced this request's
@@ -1148,7 +1148,11 @@ pub(crate) async fn forward(
                 if up.peers().any(|p| held_out_by_max_conns_only(p)) {
                     let queued = Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried));
                     match queued.await {
-                        Ok(p) => Some(p),
+                        Ok(p) => {
+                            // The attempt starts now, not with the request.
+                            waited = true;
+                            Some(p)
+                        }
                         Err(why) => {
                             up.stats.local_503.fetch_add(1, Relaxed);
                             done.note = Some(why);
@@ -1181,6 +1185,10 @@ pub(crate) async fn forward(
             break;
         };
         attempts += 1;
+        if waited {
+            t0 = Instant::now();
+        }
+        let t0_ms = ms_at(t0);
         if pending.is_none() {
             pending = template.as_deref().and_then(replay_copy);
         }
