@@ -556,9 +556,7 @@ impl Seen {
     #[inline]
     fn put(&mut self, out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
         if name.eq_ignore_ascii_case(b"content-length") {
-            // A length in digits that fits 64 bits (19 digits always do).
-            let valid = (1..=19).contains(&value.len()) && value.iter().all(u8::is_ascii_digit);
-            if !valid {
+            if parse_length(value).is_none() {
                 return;
             }
             self.length = true;
@@ -572,6 +570,17 @@ impl Seen {
         }
         put_header(out, name, value);
     }
+}
+
+/// A `Content-Length` value: digits only, at most `u64::MAX`.
+pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, &b| {
+        let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// `name: value` and a line end, into a head being written.
@@ -746,5 +755,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_length;
+
+    #[test]
+    fn lengths() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"615"), Some(615));
+        assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [&b""[..], b"18446744073709551616", b"+5", b"-1", b"5 ", b"1,1", b"0x10"] {
+            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 }

@@ -1127,8 +1127,9 @@ pub(crate) async fn forward(
         } else {
             Instant::now()
         };
+        let mut t0_ms = ms_at(t0);
         let mut waited = false;
-        let picked = match pick(up, ctx.worker, &key, &mut tried, ms_at(t0)) {
+        let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
             Some(p) => Some(p),
             None if attempts == 0 && superseded(ctx, up) => {
                 // A reload (or new DNS answers) replaced this request's
@@ -1187,8 +1188,8 @@ pub(crate) async fn forward(
         attempts += 1;
         if waited {
             t0 = Instant::now();
+            t0_ms = ms_at(t0);
         }
-        let t0_ms = ms_at(t0);
         if pending.is_none() {
             pending = template.as_deref().and_then(replay_copy);
         }
@@ -1603,11 +1604,12 @@ async fn with_read_timeout<F: Future>(
     clock: &Clock<'_>,
 ) -> Option<F::Output> {
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-    let sleep = clock
+    // Boxed: only requests served by hyper arm it, and inline it would take
+    // room in every request's future.
+    let mut sleep = clock
         .ticker
         .is_none()
-        .then(|| tokio::time::sleep_until(clock.t0 + timeout));
-    tokio::pin!(sleep);
+        .then(|| Box::pin(tokio::time::sleep_until(clock.t0 + timeout)));
     let mut first = true;
     let got = std::future::poll_fn(|cx| {
         if let Poll::Ready(r) = fut.as_mut().poll(cx) {
@@ -1618,14 +1620,14 @@ async fn with_read_timeout<F: Future>(
         // On the first poll the attempt has just begun: no need to look at
         // the clock.
         let waited = !std::mem::replace(&mut first, false);
-        match (clock.ticker, sleep.as_mut().as_pin_mut()) {
+        match (clock.ticker, sleep.as_mut()) {
             (Some(deadline), _) => {
                 if waited && now_ms() >= due {
                     return Poll::Ready(None);
                 }
                 deadline.store(due, Relaxed);
             }
-            (None, Some(mut sleep)) => {
+            (None, Some(sleep)) => {
                 while sleep.as_mut().poll(cx).is_ready() {
                     if now_ms() >= due {
                         return Poll::Ready(None);

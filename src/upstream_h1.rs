@@ -33,7 +33,9 @@ use tokio_util::io::poll_read_buf;
 use crate::body::{BoxError, ReqBody};
 // The same limits as for request heads: at most 100 fields, 64 KiB (also the
 // longest chunk-size or trailer line).
-use crate::h1::{MAX_HEADERS, Span, put_chunk_size, put_header, record_spans, write_all_vectored};
+use crate::h1::{
+    MAX_HEADERS, Span, parse_length, put_chunk_size, put_header, record_spans, write_all_vectored,
+};
 use crate::peer::Peer;
 use crate::server::MAX_HEAD;
 
@@ -669,10 +671,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         let value = &head[s[2] as usize..s[3] as usize];
         if name.eq_ignore_ascii_case(b"content-length") {
             for v in value.split(|&b| b == b',') {
-                let v = std::str::from_utf8(v.trim_ascii())
-                    .ok()
-                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|v| v.parse::<u64>().ok())
+                let v = parse_length(v.trim_ascii())
                     .ok_or_else(|| SendError::Invalid("invalid Content-Length".into()))?;
                 if length.is_some_and(|l| l != v) {
                     return Err(SendError::Invalid("conflicting Content-Length".into()));
