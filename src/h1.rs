@@ -767,8 +767,21 @@ mod tests {
         assert_eq!(parse_length(b"0"), Some(0));
         assert_eq!(parse_length(b"615"), Some(615));
         assert_eq!(parse_length(b"18446744073709551615"), Some(u64::MAX));
-        for bad in [&b""[..], b"18446744073709551616", b"+5", b"-1", b"5 ", b"1,1", b"0x10"] {
-            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+5",
+            b"-1",
+            b"5 ",
+            b"1,1",
+            b"0x10",
+        ] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
