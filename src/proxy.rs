@@ -1022,21 +1022,23 @@ fn pick(
     Some((Arc::clone(peer), pos))
 }
 
-pub(crate) fn forward<'a>(
-    ctx: &'a Arc<Ctx>,
-    up: &'a Arc<Upstream>,
+pub(crate) async fn forward(
+    ctx: &Arc<Ctx>,
+    up: &Arc<Upstream>,
     mut req: Request<ClientBody>,
     body_limit: u64,
-    done: &'a mut Done,
-) -> impl Future<Output = Response<Kind>> + 'a {
-    // The steps before anything waits run here, so that the future below
-    // holds what they made and not the request as it came in (an `async fn`
-    // would keep room for that in every request's state).
+    done: &mut Done,
+) -> Response<Kind> {
+    let cfg = &up.cfg;
     let client_ip = ctx.remote.ip();
     let mut key_buf = Vec::new();
     if let Some(t) = &up.hash_key {
         t.render(req.uri(), req.headers(), client_ip, &mut key_buf);
     }
+    let key = RequestKey {
+        client_ip,
+        hash_key: &key_buf,
+    };
     let mut client_upgrade = None;
     if req.headers().contains_key(header::UPGRADE) {
         client_upgrade = Some(hyper::upgrade::on(&mut req));
@@ -1044,290 +1046,290 @@ pub(crate) fn forward<'a>(
     // When the request body last moved (ms; 0 = not yet): only a body that
     // streams has one.
     let started = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
-    let (sent, fwd, upgrade) =
-        upstream_request(ctx, req, body_limit, started.as_ref(), up.cfg.scheme);
+    // One binding for the request from here on: each new one would take its
+    // own room in this future's state.
+    // The request to send next, when there is one. Built in a block so that no
+    // other binding holds it: each would take its own room in this future.
+    let (mut pending, fwd, upgrade) = {
+        let (r, fwd, upgrade) =
+            upstream_request(ctx, req, body_limit, started.as_ref(), cfg.scheme);
+        (Some(r), fwd, upgrade)
+    };
+    let Some(req) = pending.as_mut() else {
+        return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
+    };
     if !upgrade {
         client_upgrade = None;
     }
-    async move {
-        let cfg = &up.cfg;
-        let key = RequestKey {
-            client_ip,
-            hash_key: &key_buf,
+    // Read small bodies of known length whole first, so that a retry can send
+    // them again. A body of unknown length (chunked) streams at once: holding it
+    // back could stall a client that sends a little and waits for an answer.
+    let small = || {
+        req.headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= cfg.retry_buffer)
+    };
+    if matches!(req.body(), ReqBody::Stream { .. }) && small() {
+        let body = std::mem::replace(req.body_mut(), ReqBody::Empty);
+        match body.buffer(cfg.retry_buffer as usize).await {
+            Ok(body) => *req.body_mut() = body,
+            Err(ReadError::TooLarge) => {
+                done.note = Some("request body larger than client_max_body_size");
+                return full(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "413 Request Entity Too Large\n",
+                );
+            }
+            Err(ReadError::Client(_)) => {
+                done.note = Some("client closed the request body");
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: request body incomplete\n",
+                );
+            }
+        }
+    }
+    let idempotent = is_idempotent(req.method());
+    let n_peers = up.primary.len() + up.backup.len();
+    let max_tries = match cfg.next_upstream_tries {
+        0 => n_peers,
+        n => (n as usize).min(n_peers.max(1)),
+    };
+    let deadline =
+        (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
+    // A copy to send again, when a retry could happen and the body allows it.
+    let may_pass_on = !cfg.next_upstream.off && max_tries > 1;
+    // An HTTP/1.1 attempt leaves the request whole (it only reads it), so a body
+    // read whole can go again as it is; an HTTP/2 attempt hands its request to
+    // the stream, so it needs a copy made before.
+    let keeps = !cfg.scheme.is_h2();
+    // Boxed: only HTTP/2 upstreams need it, and inline it would take room in
+    // every request's future.
+    let template = if may_pass_on && !keeps {
+        replay_copy(req).map(Box::new)
+    } else {
+        None
+    };
+
+    let mut tried = (Tried::new(), Tried::new());
+    let mut attempts = 0usize;
+    let mut panicked = false;
+    // The answer for the client if no attempt succeeds: the last failure's.
+    let mut last: Option<(StatusCode, &'static str)> = None;
+
+    loop {
+        // The first attempt starts with the request (a few microseconds of
+        // routing apart): one clock reading for both.
+        let mut t0 = if attempts == 0 {
+            done.start
+        } else {
+            Instant::now()
         };
-        // The request to send next, when there is one.
-        let mut pending = None;
-        let req = pending.insert(sent);
-        // Read small bodies of known length whole first, so that a retry can send
-        // them again. A body of unknown length (chunked) streams at once: holding it
-        // back could stall a client that sends a little and waits for an answer.
-        let small = || {
-            req.headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok())
-                .is_some_and(|n| n <= cfg.retry_buffer)
+        let mut t0_ms = ms_at(t0);
+        let mut waited = false;
+        let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
+            Some(p) => Some(p),
+            None if attempts == 0 && superseded(ctx, up) => {
+                // A reload (or new DNS answers) replaced this request's
+                // configuration between its arrival and this pick, and drained
+                // the peers it knows: they are alive and finish what arrived
+                // before the change, and so does this request.
+                drained_for_stale(up, &mut tried)
+            }
+            None if !panicked && rescue_passively_failed(up, &tried) => {
+                // Every untried peer is out on passive evidence alone: try them
+                // anyway rather than fail (Envoy's panic mode). Active checks and
+                // `down`/draining are respected.
+                panicked = true;
+                continue;
+            }
+            None if attempts == 0 => {
+                if up.peers().any(|p| held_out_by_max_conns_only(p)) {
+                    let queued = Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried));
+                    match queued.await {
+                        Ok(p) => {
+                            // The attempt starts now, not with the request.
+                            waited = true;
+                            Some(p)
+                        }
+                        Err(why) => {
+                            up.stats.local_503.fetch_add(1, Relaxed);
+                            done.note = Some(why);
+                            return full(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "503 Service Unavailable: every server is at max_conns\n",
+                            );
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+            None => None,
         };
-        if matches!(req.body(), ReqBody::Stream { .. }) && small() {
-            let body = std::mem::replace(req.body_mut(), ReqBody::Empty);
-            match body.buffer(cfg.retry_buffer as usize).await {
-                Ok(body) => *req.body_mut() = body,
-                Err(ReadError::TooLarge) => {
+        let Some((peer, pos)) = picked else {
+            if attempts == 0 {
+                // nginx: no live upstreams; forget failures so the next request tries again.
+                up.stats.no_peer.fetch_add(1, Relaxed);
+                up.stats.local_502.fetch_add(1, Relaxed);
+                reset_all_fails(up);
+                tracing::warn!(upstream = %cfg.name, "no live upstreams");
+                done.note = Some("no live upstreams");
+                return full(
+                    StatusCode::BAD_GATEWAY,
+                    "502 Bad Gateway: no live upstreams\n",
+                );
+            }
+            tracing::warn!(upstream = %cfg.name, attempts, "no peer left to try; answering with the last error");
+            break;
+        };
+        attempts += 1;
+        if waited {
+            t0 = Instant::now();
+            t0_ms = ms_at(t0);
+        }
+        if pending.is_none() {
+            pending = template.as_deref().and_then(replay_copy);
+        }
+        let Some(req) = pending.as_mut() else {
+            break;
+        };
+        if attempts > 1 {
+            up.stats.retries.fetch_add(1, Relaxed);
+        }
+        let guard = peer.start_request();
+        let clock = Clock {
+            t0,
+            t0_ms,
+            progress: started.as_deref(),
+            ticker: ctx.ticked.then_some(&ctx.read_deadline),
+        };
+        let result = attempt(&peer, cfg, req, &fwd, idempotent, &clock).await;
+        let resendable = template.is_some() || (keeps && req.body().replayable());
+        let answered = Instant::now();
+        let took = answered.saturating_duration_since(t0);
+        let now = ms_at(answered);
+        match result {
+            Ok(resp) => {
+                let status = resp.status();
+                peer.stats.count_status(status.as_u16());
+                if let Some(log) = &mut done.log {
+                    log.1
+                        .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
+                }
+                if let Some(h) = up.header_hists.get(pos) {
+                    h.observe(took.as_secs_f64());
+                }
+                peer.latency.record(took, now);
+                let listed = status_retryable(up, status);
+                let can_retry = listed
+                    && attempts < max_tries
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && (idempotent || cfg.next_upstream.non_idempotent)
+                    && resendable;
+                // nginx counts a listed status against the peer only when it passes
+                // the request on; the answer that goes to the client is a success.
+                if can_retry && status_is_failure(status) {
+                    peer.record_failure(now);
+                    peer.stats.count_fail(FailReason::Status);
+                } else {
+                    peer.record_success();
+                }
+                if can_retry {
+                    if !keeps {
+                        // Handed to the stream: the next attempt sends a copy.
+                        pending = None;
+                    }
+                    tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
+                    continue;
+                }
+                return respond(up, guard, resp, client_upgrade, done);
+            }
+            Err(e) => {
+                if let AttemptError::TooLarge = e {
                     done.note = Some("request body larger than client_max_body_size");
                     return full(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "413 Request Entity Too Large\n",
                     );
                 }
-                Err(ReadError::Client(_)) => {
+                if let AttemptError::ClientBody = e {
                     done.note = Some("client closed the request body");
                     return full(
                         StatusCode::BAD_REQUEST,
                         "400 Bad Request: request body incomplete\n",
                     );
                 }
-            }
-        }
-        let idempotent = is_idempotent(req.method());
-        let n_peers = up.primary.len() + up.backup.len();
-        let max_tries = match cfg.next_upstream_tries {
-            0 => n_peers,
-            n => (n as usize).min(n_peers.max(1)),
-        };
-        let deadline =
-            (!cfg.next_upstream_timeout.is_zero()).then(|| done.start + cfg.next_upstream_timeout);
-        // A copy to send again, when a retry could happen and the body allows it.
-        let may_pass_on = !cfg.next_upstream.off && max_tries > 1;
-        // An HTTP/1.1 attempt leaves the request whole (it only reads it), so a body
-        // read whole can go again as it is; an HTTP/2 attempt hands its request to
-        // the stream, so it needs a copy made before.
-        let keeps = !cfg.scheme.is_h2();
-        // Boxed: only HTTP/2 upstreams need it, and inline it would take room in
-        // every request's future.
-        let template = if may_pass_on && !keeps {
-            replay_copy(req).map(Box::new)
-        } else {
-            None
-        };
-
-        let mut tried = (Tried::new(), Tried::new());
-        let mut attempts = 0usize;
-        let mut panicked = false;
-        // The answer for the client if no attempt succeeds: the last failure's.
-        let mut last: Option<(StatusCode, &'static str)> = None;
-
-        loop {
-            // The first attempt starts with the request (a few microseconds of
-            // routing apart): one clock reading for both.
-            let mut t0 = if attempts == 0 {
-                done.start
-            } else {
-                Instant::now()
-            };
-            let mut t0_ms = ms_at(t0);
-            let mut waited = false;
-            let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
-                Some(p) => Some(p),
-                None if attempts == 0 && superseded(ctx, up) => {
-                    // A reload (or new DNS answers) replaced this request's
-                    // configuration between its arrival and this pick, and drained
-                    // the peers it knows: they are alive and finish what arrived
-                    // before the change, and so does this request.
-                    drained_for_stale(up, &mut tried)
-                }
-                None if !panicked && rescue_passively_failed(up, &tried) => {
-                    // Every untried peer is out on passive evidence alone: try them
-                    // anyway rather than fail (Envoy's panic mode). Active checks and
-                    // `down`/draining are respected.
-                    panicked = true;
-                    continue;
-                }
-                None if attempts == 0 => {
-                    if up.peers().any(|p| held_out_by_max_conns_only(p)) {
-                        let queued = Box::pin(wait_in_queue(up, ctx.worker, &key, &mut tried));
-                        match queued.await {
-                            Ok(p) => {
-                                // The attempt starts now, not with the request.
-                                waited = true;
-                                Some(p)
-                            }
-                            Err(why) => {
-                                up.stats.local_503.fetch_add(1, Relaxed);
-                                done.note = Some(why);
-                                return full(
-                                    StatusCode::SERVICE_UNAVAILABLE,
-                                    "503 Service Unavailable: every server is at max_conns\n",
-                                );
-                            }
-                        }
-                    } else {
-                        None
-                    }
-                }
-                None => None,
-            };
-            let Some((peer, pos)) = picked else {
-                if attempts == 0 {
-                    // nginx: no live upstreams; forget failures so the next request tries again.
-                    up.stats.no_peer.fetch_add(1, Relaxed);
-                    up.stats.local_502.fetch_add(1, Relaxed);
-                    reset_all_fails(up);
-                    tracing::warn!(upstream = %cfg.name, "no live upstreams");
-                    done.note = Some("no live upstreams");
-                    return full(
+                let reason = e.reason();
+                let is_timeout = reason == FailReason::Timeout;
+                let (status, text, note) = if is_timeout {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "504 Gateway Timeout\n",
+                        "upstream timed out",
+                    )
+                } else if let AttemptError::Connect(ConnectError::Tls(_)) = e {
+                    (
                         StatusCode::BAD_GATEWAY,
-                        "502 Bad Gateway: no live upstreams\n",
-                    );
+                        "502 Bad Gateway\n",
+                        "upstream TLS handshake failed",
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "502 Bad Gateway\n",
+                        "upstream error",
+                    )
+                };
+                if let Some(log) = &mut done.log {
+                    log.1
+                        .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
                 }
-                tracing::warn!(upstream = %cfg.name, attempts, "no peer left to try; answering with the last error");
-                break;
-            };
-            attempts += 1;
-            if waited {
-                t0 = Instant::now();
-                t0_ms = ms_at(t0);
-            }
-            if pending.is_none() {
-                pending = template.as_deref().and_then(replay_copy);
-            }
-            let Some(req) = pending.as_mut() else {
-                break;
-            };
-            if attempts > 1 {
-                up.stats.retries.fetch_add(1, Relaxed);
-            }
-            let guard = peer.start_request();
-            let clock = Clock {
-                t0,
-                t0_ms,
-                progress: started.as_deref(),
-                ticker: ctx.ticked.then_some(&ctx.read_deadline),
-            };
-            let result = attempt(&peer, cfg, req, &fwd, idempotent, &clock).await;
-            let resendable = template.is_some() || (keeps && req.body().replayable());
-            let answered = Instant::now();
-            let took = answered.saturating_duration_since(t0);
-            let now = ms_at(answered);
-            match result {
-                Ok(resp) => {
-                    let status = resp.status();
-                    peer.stats.count_status(status.as_u16());
-                    if let Some(log) = &mut done.log {
-                        log.1
-                            .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
-                    }
-                    if let Some(h) = up.header_hists.get(pos) {
-                        h.observe(took.as_secs_f64());
-                    }
-                    peer.latency.record(took, now);
-                    let listed = status_retryable(up, status);
-                    let can_retry = listed
-                        && attempts < max_tries
-                        && deadline.is_none_or(|d| Instant::now() < d)
-                        && (idempotent || cfg.next_upstream.non_idempotent)
-                        && resendable;
-                    // nginx counts a listed status against the peer only when it passes
-                    // the request on; the answer that goes to the client is a success.
-                    if can_retry && status_is_failure(status) {
-                        peer.record_failure(now);
-                        peer.stats.count_fail(FailReason::Status);
-                    } else {
-                        peer.record_success();
-                    }
-                    if can_retry {
-                        if !keeps {
-                            // Handed to the stream: the next attempt sends a copy.
-                            pending = None;
-                        }
-                        tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
-                        continue;
-                    }
-                    return respond(up, guard, resp, client_upgrade, done);
+                peer.stats.count_fail(reason);
+                if e.counts_against_peer() && peer.record_failure(now) {
+                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
                 }
-                Err(e) => {
-                    if let AttemptError::TooLarge = e {
-                        done.note = Some("request body larger than client_max_body_size");
-                        return full(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            "413 Request Entity Too Large\n",
-                        );
-                    }
-                    if let AttemptError::ClientBody = e {
-                        done.note = Some("client closed the request body");
-                        return full(
-                            StatusCode::BAD_REQUEST,
-                            "400 Bad Request: request body incomplete\n",
-                        );
-                    }
-                    let reason = e.reason();
-                    let is_timeout = reason == FailReason::Timeout;
-                    let (status, text, note) = if is_timeout {
-                        (
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "504 Gateway Timeout\n",
-                            "upstream timed out",
-                        )
-                    } else if let AttemptError::Connect(ConnectError::Tls(_)) = e {
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            "502 Bad Gateway\n",
-                            "upstream TLS handshake failed",
-                        )
-                    } else {
-                        (
-                            StatusCode::BAD_GATEWAY,
-                            "502 Bad Gateway\n",
-                            "upstream error",
-                        )
-                    };
-                    if let Some(log) = &mut done.log {
-                        log.1
-                            .push((Arc::clone(&peer.addr_str), status.as_u16(), took));
-                    }
-                    peer.stats.count_fail(reason);
-                    if e.counts_against_peer() && peer.record_failure(now) {
-                        tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, "peer marked unavailable for {:?}", peer.params.fail_timeout);
-                    }
-                    done.note = Some(note);
-                    last = Some((status, text));
-                    // nginx: each kind of failure passes to the next peer only when its
-                    // own condition is listed (an invalid head is not an `error`).
-                    let listed = match reason {
-                        FailReason::Timeout => cfg.next_upstream.timeout,
-                        FailReason::InvalidHeader => cfg.next_upstream.invalid_header,
-                        _ => cfg.next_upstream.error,
-                    };
-                    let sent = !matches!(e, AttemptError::Connect(_));
-                    let replayable = resendable;
-                    let may_retry = listed
-                        && !cfg.next_upstream.off
-                        && attempts < max_tries
-                        && deadline.is_none_or(|d| Instant::now() < d)
-                        && (!sent || idempotent || cfg.next_upstream.non_idempotent)
-                        && (replayable
-                            || (!sent && started.as_ref().is_none_or(|s| s.load(Relaxed) == 0)));
-                    if !may_retry {
-                        tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
-                        break;
-                    }
-                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed; passing the request to the next peer");
-                    if sent && !(keeps && resendable) {
-                        // Gone (or partly gone) with the attempt; a request that
-                        // never left, or that an HTTP/1.1 attempt only read, stays
-                        // ours to send elsewhere.
-                        pending = None;
-                    }
+                done.note = Some(note);
+                last = Some((status, text));
+                // nginx: each kind of failure passes to the next peer only when its
+                // own condition is listed (an invalid head is not an `error`).
+                let listed = match reason {
+                    FailReason::Timeout => cfg.next_upstream.timeout,
+                    FailReason::InvalidHeader => cfg.next_upstream.invalid_header,
+                    _ => cfg.next_upstream.error,
+                };
+                let sent = !matches!(e, AttemptError::Connect(_));
+                let replayable = resendable;
+                let may_retry = listed
+                    && !cfg.next_upstream.off
+                    && attempts < max_tries
+                    && deadline.is_none_or(|d| Instant::now() < d)
+                    && (!sent || idempotent || cfg.next_upstream.non_idempotent)
+                    && (replayable
+                        || (!sent && started.as_ref().is_none_or(|s| s.load(Relaxed) == 0)));
+                if !may_retry {
+                    tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed");
+                    break;
+                }
+                tracing::warn!(upstream = %cfg.name, peer = %peer.addr_str, error = %e, "upstream attempt failed; passing the request to the next peer");
+                if sent && !(keeps && resendable) {
+                    // Gone (or partly gone) with the attempt; a request that
+                    // never left, or that an HTTP/1.1 attempt only read, stays
+                    // ours to send elsewhere.
+                    pending = None;
                 }
             }
         }
-        let (status, text) = last.unwrap_or((StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
-        let resp = full(status, text);
-        match resp.status().as_u16() {
-            504 => up.stats.local_504.fetch_add(1, Relaxed),
-            _ => up.stats.local_502.fetch_add(1, Relaxed),
-        };
-        resp
     }
+    let (status, text) = last.unwrap_or((StatusCode::BAD_GATEWAY, "502 Bad Gateway\n"));
+    let resp = full(status, text);
+    match resp.status().as_u16() {
+        504 => up.stats.local_504.fetch_add(1, Relaxed),
+        _ => up.stats.local_502.fetch_add(1, Relaxed),
+    };
+    resp
 }
 
 /// Wait (up to `queue_timeout`, with at most `queue` others) for a slot on a
