@@ -491,7 +491,17 @@ fn encode_head(
     out.extend_from_slice(b"\r\n");
     let mut seen = Seen::default();
     match body.raw_fields() {
-        // An upstream's fields as it wrote them (none are in the map).
+        // An upstream's fields as it wrote them (none are in the map), whole
+        // lines at a time when they are written as ferry would write them.
+        // None of them is a `Connection` or `Transfer-Encoding` (see
+        // `upstream_h1::parse_head`).
+        Some(fields) if let Some((runs, lines)) = fields.lines() => {
+            for run in runs {
+                out.extend_from_slice(run);
+            }
+            seen.length = lines.length;
+            seen.has_date = lines.date;
+        }
         Some(fields) => {
             for (name, value) in fields.iter() {
                 seen.put(out, name, value);

@@ -292,9 +292,64 @@ pub struct Head {
 pub struct RawFields {
     head: Bytes,
     spans: Vec<Span>,
+    /// The kept fields as whole lines of `head`, when each is written there
+    /// exactly as ferry would write it (`name: value` and CRLF) and none is
+    /// one a client's head leaves out: a copy per run of lines then writes
+    /// them all.
+    lines: Option<Lines>,
+}
+
+/// Runs of consecutive field lines in a response head (start, end), and what
+/// a writer of the head needs to know of the fields in them.
+#[derive(Debug, Clone, Copy)]
+pub struct Lines {
+    runs: [(u32, u32); MAX_RUNS],
+    n: u8,
+    /// A `Content-Length` is among them.
+    pub length: bool,
+    /// A `Date` is among them.
+    pub date: bool,
+}
+
+/// Runs of lines kept inline: more (fields the proxy leaves out between
+/// others) and the fields are written one by one.
+const MAX_RUNS: usize = 4;
+
+impl Lines {
+    /// Note the field at `s`, kept in the head's order. `false`: not written
+    /// as ferry would, or one run too many.
+    fn add(&mut self, head: &[u8], s: &Span) -> bool {
+        let [name_end, value_start, value_end] = [s[1], s[2], s[3]].map(|v| v as usize);
+        let written_as_is = value_start == name_end + 2
+            && head.get(name_end..value_start) == Some(&b": "[..])
+            && head.get(value_end..value_end + 2) == Some(&b"\r\n"[..]);
+        if !written_as_is {
+            return false;
+        }
+        let end = s[3] + 2;
+        match self.n as usize {
+            n if n > 0 && self.runs[n - 1].1 == s[0] => self.runs[n - 1].1 = end,
+            MAX_RUNS => return false,
+            n => {
+                self.runs[n] = (s[0], end);
+                self.n += 1;
+            }
+        }
+        true
+    }
 }
 
 impl RawFields {
+    /// The fields as runs of whole lines of the head, when they can be
+    /// written so (see [`RawFields::lines`]), with what is known of them.
+    pub fn lines(&self) -> Option<(impl Iterator<Item = &[u8]>, Lines)> {
+        let lines = self.lines.as_ref()?;
+        let runs = lines.runs[..lines.n as usize]
+            .iter()
+            .map(|&(a, b)| &self.head[a as usize..b as usize]);
+        Some((runs, *lines))
+    }
+
     /// The fields, name and value, in the order the upstream sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.spans.iter().map(|s| {
@@ -663,6 +718,12 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // `TE`, `Trailer`, `Proxy-*`).
     let mut kept: Vec<Span> = Vec::with_capacity(n);
     let mut raw = code != 101;
+    let mut lines = Some(Lines {
+        runs: [(0, 0); MAX_RUNS],
+        n: 0,
+        length: false,
+        date: false,
+    });
     let mut length: Option<u64> = None;
     let (mut te, mut te_chunked) = (false, false);
     let (mut close, mut keep_alive) = (false, false);
@@ -677,6 +738,12 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
                     return Err(SendError::Invalid("conflicting Content-Length".into()));
                 }
                 length = Some(v);
+            }
+            // A list ("5, 5") is one a client's head leaves out (see
+            // `h1::encode_head`): those fields are written one by one.
+            match &mut lines {
+                Some(l) if parse_length(value).is_some() => l.length = true,
+                _ => lines = None,
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
@@ -712,6 +779,13 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
             continue;
         } else if is_stripped_later(name) {
             raw = false;
+        } else if name.eq_ignore_ascii_case(b"date")
+            && let Some(l) = &mut lines
+        {
+            l.date = true;
+        }
+        if lines.as_mut().is_some_and(|l| !l.add(&head, s)) {
+            lines = None;
         }
         kept.push(*s);
     }
@@ -726,7 +800,14 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // httparse took only token names and values of visible characters, spaces
     // and tabs: what a header map takes too.
     let (headers, fields) = if raw {
-        (HeaderMap::new(), Some(RawFields { head, spans: kept }))
+        (
+            HeaderMap::new(),
+            Some(RawFields {
+                head,
+                spans: kept,
+                lines,
+            }),
+        )
     } else {
         let mut headers = HeaderMap::with_capacity(kept.len());
         for s in &kept {

@@ -342,6 +342,64 @@ fn a_pooled_connection_the_upstream_closed_is_not_used() {
 }
 
 #[test]
+fn field_lines_go_whole_only_when_written_as_ferry_would() {
+    // Fields written `name: value` with CRLF pass as whole lines; spacing of
+    // another kind, a bare LF, a listed Content-Length or too many gaps left
+    // by this hop's own fields have them written one by one, normalised, and
+    // the head stays the same either way.
+    const HEADS: [&[u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nKeep-Alive: x\r\nB: 2\r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+          Content-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nA:1\r\nB:  2  \r\nDate: Tue, 01 Jan 2030 00:00:00 GMT\r\n\
+          Content-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\nA: 1\nB: 2\nDate: Tue, 01 Jan 2030 00:00:00 GMT\nContent-Length: 2\n\nok",
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nKeep-Alive: x\r\nB: 2\r\nKeep-Alive: x\r\n\
+          Date: Tue, 01 Jan 2030 00:00:00 GMT\r\nKeep-Alive: x\r\nConnection: keep-alive\r\n\
+          Content-Length: 2\r\nKeep-Alive: x\r\nX-Last: z\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nA: 1\r\nContent-Length: 2, 2\r\n\r\nok",
+    ];
+    let up = Scripted::start(|n, _| vec![Step::ReadBody, send(HEADS[n.min(4)])]);
+    let f = ferry_for(&up);
+    let mut c = RawConn::connect(f.addr);
+    for i in 0..4 {
+        let r = c.request("GET", "/", &[]);
+        assert_eq!(r.text(), "ok", "head {i}");
+        assert!(
+            r.head
+                .contains("\nA: 1\nB: 2\nDate: Tue, 01 Jan 2030 00:00:00 GMT\n"),
+            "head {i}: {}",
+            r.head
+        );
+        for name in ["date", "content-length"] {
+            let n = r.headers.iter().filter(|(k, _)| k == name).count();
+            assert_eq!(n, 1, "head {i}: {name} once: {}", r.head);
+        }
+        assert!(
+            !r.head.to_ascii_lowercase().contains("keep-alive"),
+            "head {i}: {}",
+            r.head
+        );
+        if i == 3 {
+            assert_eq!(r.header("x-last"), Some("z"));
+        }
+    }
+    // A listed Content-Length of one value frames the body; the client gets
+    // one number.
+    let r = c.request("GET", "/", &[]);
+    assert_eq!(r.text(), "ok");
+    assert_eq!(r.header("content-length"), Some("2"), "{}", r.head);
+    assert_eq!(
+        r.headers
+            .iter()
+            .filter(|(k, _)| k == "content-length")
+            .count(),
+        1,
+        "{}",
+        r.head
+    );
+}
+
+#[test]
 fn fields_pass_as_written_without_this_hops_own() {
     let up = Scripted::start(|_, _| {
         vec![
