@@ -42,6 +42,10 @@ use crate::server::MAX_HEAD;
 /// Room kept free in the read buffer before each read.
 const READ_BUF: usize = 8 * 1024;
 
+/// The first read of a response goes through a buffer of this size on the
+/// stack (see [`poll_fill`]).
+const FIRST_READ: usize = 4096;
+
 /// Request body data up to this size is copied behind the head, so both go
 /// out in one write.
 const COPY_BODY: usize = 16 * 1024;
@@ -454,7 +458,7 @@ pub async fn send(
     let chunked = encode_request(req, Some(fwd), &mut out);
     let io = &mut conn.io;
     let mut reuse = true;
-    let mut buf = BytesMut::with_capacity(READ_BUF);
+    let mut buf = BytesMut::new();
     match req.body_mut() {
         ReqBody::Full(b) => {
             // A copy (shared, not copied): the request keeps its body in
@@ -580,7 +584,7 @@ async fn send_stream(
     loop {
         let frame = tokio::select! {
             biased;
-            r = poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf)) => {
+            r = poll_fn(|cx| poll_fill(io, buf, cx)) => {
                 match r {
                     Ok(0) => return Err(failed(io::ErrorKind::UnexpectedEof.into())),
                     Ok(_) => {
@@ -663,10 +667,7 @@ async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<H
                 break;
             }
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_BUF);
-        }
-        let n = poll_fn(|cx| poll_read_buf(Pin::new(&mut *io), cx, buf))
+        let n = poll_fn(|cx| poll_fill(io, buf, cx))
             .await
             .map_err(|error| SendError::Io { error, answered })?;
         if n == 0 {
@@ -676,6 +677,25 @@ async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<H
             });
         }
     }
+}
+
+/// Read what the upstream sent into `buf`; `Ok(0)` at its close. The first
+/// read goes through a buffer on the stack and `buf` takes just what came, so
+/// that a response read whole in it costs a small allocation rather than a
+/// read buffer's. Later reads (a larger head, or a body read on) go straight
+/// into `buf`, with room made for them.
+fn poll_fill(io: &mut UpIo, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    if buf.capacity() == 0 {
+        let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        ready!(Pin::new(io).poll_read(cx, &mut rb))?;
+        buf.extend_from_slice(rb.filled());
+        return Poll::Ready(Ok(rb.filled().len()));
+    }
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(READ_BUF);
+    }
+    poll_read_buf(Pin::new(io), cx, buf)
 }
 
 /// Parse a response head at the start of `buf`. `Ok(None)`: not complete yet,
