@@ -329,7 +329,8 @@ pub(crate) fn record_spans(spans: &mut [Span], headers: &[httparse::Header<'_>],
 /// serves, take it out of `buf` as a request whose header values share the
 /// head's memory.
 fn take_request(buf: &mut BytesMut) -> Take {
-    let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
+    // Room for the fields of most heads, left unset until they are parsed.
+    let mut spans: smallvec::SmallVec<[Span; 16]> = smallvec::SmallVec::new();
     let (len, method, target, n) = {
         let mut raw = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
@@ -354,6 +355,7 @@ fn take_request(buf: &mut BytesMut) -> Take {
         }
         let start = at(path.as_bytes());
         let target = (start, start + path.len() as u32);
+        spans.resize(req.headers.len(), [0; 4]);
         record_spans(&mut spans, req.headers, base);
         (len, method, target, req.headers.len())
     };

@@ -407,6 +407,8 @@ pub(crate) struct Done {
     up: Option<Arc<Upstream>>,
     _guard: Option<InFlight>,
     start: Instant,
+    /// `start` as [`ms_at`] reads it.
+    start_ms: u64,
     status: u16,
     bytes: u64,
     complete: bool,
@@ -421,6 +423,8 @@ impl Drop for Done {
     fn drop(&mut self) {
         let now = Instant::now();
         let elapsed = now.saturating_duration_since(self.start);
+        // `ms_at(now)`, to the millisecond, without a second subtraction.
+        let now_ms = self.start_ms + elapsed.as_millis() as u64;
         if let Some(up) = &self.up
             && let Some(h) = &up.request_hist
         {
@@ -446,7 +450,7 @@ impl Drop for Done {
                 .state
                 .stream_ended(self.status == 0 || !self.complete);
         }
-        self.ctx.state.request_finished(ms_at(now));
+        self.ctx.state.request_finished(now_ms);
     }
 }
 
@@ -573,7 +577,8 @@ pub async fn handle(
 /// has a body, and that.
 pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, bool) {
     let start = Instant::now();
-    ctx.state.request_started(ms_at(start));
+    let start_ms = ms_at(start);
+    ctx.state.request_started(start_ms);
     ctx.shared
         .metrics
         .worker(ctx.worker)
@@ -589,6 +594,7 @@ pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, b
         up: None,
         _guard: None,
         start,
+        start_ms,
         status: 0,
         bytes: 0,
         complete: false,
@@ -1122,12 +1128,12 @@ pub(crate) async fn forward(
     loop {
         // The first attempt starts with the request (a few microseconds of
         // routing apart): one clock reading for both.
-        let mut t0 = if attempts == 0 {
-            done.start
+        let (mut t0, mut t0_ms) = if attempts == 0 {
+            (done.start, done.start_ms)
         } else {
-            Instant::now()
+            let t = Instant::now();
+            (t, ms_at(t))
         };
-        let mut t0_ms = ms_at(t0);
         let mut waited = false;
         let picked = match pick(up, ctx.worker, &key, &mut tried, t0_ms) {
             Some(p) => Some(p),
@@ -1210,7 +1216,8 @@ pub(crate) async fn forward(
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let answered = Instant::now();
         let took = answered.saturating_duration_since(t0);
-        let now = ms_at(answered);
+        // `ms_at(answered)`, to the millisecond.
+        let now = t0_ms + took.as_millis() as u64;
         match result {
             Ok(resp) => {
                 let status = resp.status();

@@ -701,8 +701,9 @@ fn poll_fill(io: &mut UpIo, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io
 /// Parse a response head at the start of `buf`. `Ok(None)`: not complete yet,
 /// or an interim head that was taken off `buf`.
 fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendError> {
-    let mut spans: [Span; MAX_HEADERS] = [[0; 4]; MAX_HEADERS];
-    let (len, code, minor, reason, n) = {
+    // Where each field lies; those passed on are kept at its front.
+    let mut spans: Vec<Span> = Vec::new();
+    let (len, code, minor, reason) = {
         let mut raw = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut []);
         let base = buf.as_ptr() as usize;
@@ -722,8 +723,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
             .reason
             .filter(|r| !r.is_empty())
             .map(|r| (at(r.as_bytes()), at(r.as_bytes()) + r.len() as u32));
+        spans.resize(resp.headers.len(), [0; 4]);
         record_spans(&mut spans, resp.headers, base);
-        (len, code, minor, reason, resp.headers.len())
+        (len, code, minor, reason)
     };
     if (100..200).contains(&code) && code != 101 {
         buf.advance(len);
@@ -736,7 +738,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // needs the header map's handling: after 101, or with a hop-by-hop field
     // the proxy strips from the map (`Connection` naming others, `Upgrade`,
     // `TE`, `Trailer`, `Proxy-*`).
-    let mut kept: Vec<Span> = Vec::with_capacity(n);
+    let mut kept = 0;
     let mut raw = code != 101;
     let mut lines = Some(Lines {
         runs: [(0, 0); MAX_RUNS],
@@ -747,7 +749,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     let mut length: Option<u64> = None;
     let (mut te, mut te_chunked) = (false, false);
     let (mut close, mut keep_alive) = (false, false);
-    for s in &spans[..n] {
+    for i in 0..spans.len() {
+        let s = &spans[i];
         let name = &head[s[0] as usize..s[1] as usize];
         let value = &head[s[2] as usize..s[3] as usize];
         if name.eq_ignore_ascii_case(b"content-length") {
@@ -807,8 +810,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         if lines.as_mut().is_some_and(|l| !l.add(&head, s)) {
             lines = None;
         }
-        kept.push(*s);
+        spans[kept] = spans[i];
+        kept += 1;
     }
+    spans.truncate(kept);
     // A reason phrase other than the usual one goes to the client as it is.
     let reason_phrase = reason.and_then(|(a, b)| {
         let text = &head[a as usize..b as usize];
@@ -820,24 +825,17 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // httparse took only token names and values of visible characters, spaces
     // and tabs: what a header map takes too.
     let (headers, fields) = if raw {
-        (
-            HeaderMap::new(),
-            Some(RawFields {
-                head,
-                spans: kept,
-                lines,
-            }),
-        )
+        (None, Some(RawFields { head, spans, lines }))
     } else {
-        let mut headers = HeaderMap::with_capacity(kept.len());
-        for s in &kept {
+        let mut headers = HeaderMap::with_capacity(spans.len());
+        for s in &spans {
             let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
                 .map_err(|_| SendError::Invalid("invalid header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
                 .map_err(|_| SendError::Invalid("invalid header value".into()))?;
             headers.append(name, value);
         }
-        (headers, None)
+        (Some(headers), None)
     };
     let bodiless = is_head || code == 101 || code == 204 || code == 304;
     let state = if bodiless {
@@ -872,7 +870,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     let mut resp = Response::new(());
     *resp.status_mut() = status;
     *resp.version_mut() = version;
-    *resp.headers_mut() = headers;
+    if let Some(headers) = headers {
+        *resp.headers_mut() = headers;
+    }
     if let Some(r) = reason_phrase {
         resp.extensions_mut().insert(r);
     }
