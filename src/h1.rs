@@ -363,23 +363,23 @@ fn take_request(buf: &mut BytesMut) -> Take {
     for s in &spans[..n] {
         let name = &buf[s[0] as usize..s[1] as usize];
         let value = &buf[s[2] as usize..s[3] as usize];
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is(name, b"content-length") {
             if value != b"0" {
                 return Take::Other;
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is(name, b"connection") {
             for t in value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
+                if is(t, b"close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                } else if is(t, b"upgrade") {
                     return Take::Other;
                 }
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-            || name.eq_ignore_ascii_case(b"te")
+        } else if is(name, b"transfer-encoding")
+            || is(name, b"upgrade")
+            || is(name, b"expect")
+            || is(name, b"te")
         {
             return Take::Other;
         }
@@ -567,17 +567,17 @@ impl Seen {
     /// itself (`Transfer-Encoding`, an unusable `Content-Length`).
     #[inline]
     fn put(&mut self, out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is(name, b"content-length") {
             if parse_length(value).is_none() {
                 return;
             }
             self.length = true;
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is(name, b"transfer-encoding") {
             // Framing is chosen below.
             return;
-        } else if name.eq_ignore_ascii_case(b"date") {
+        } else if is(name, b"date") {
             self.has_date = true;
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is(name, b"connection") {
             self.has_connection = true;
         }
         put_header(out, name, value);
@@ -593,6 +593,27 @@ pub(crate) fn parse_length(value: &[u8]) -> Option<u64> {
         let d = b.checked_sub(b'0').filter(|d| *d <= 9)?;
         n.checked_mul(10)?.checked_add(u64::from(d))
     })
+}
+
+/// Whether `s` is `lower` (lowercase letters, digits and `-`) but for ASCII
+/// case, eight bytes at a time. For names and tokens as httparse takes them:
+/// with no control characters, case is the only difference it lets through.
+#[inline]
+pub(crate) fn is(s: &[u8], lower: &[u8]) -> bool {
+    const CASE: u64 = 0x2020_2020_2020_2020;
+    if s.len() != lower.len() {
+        return false;
+    }
+    let (mut a, mut b) = (s, lower);
+    while let (Some((x, ra)), Some((y, rb))) =
+        (a.split_first_chunk::<8>(), b.split_first_chunk::<8>())
+    {
+        if u64::from_ne_bytes(*x) | CASE != u64::from_ne_bytes(*y) | CASE {
+            return false;
+        }
+        (a, b) = (ra, rb);
+    }
+    a.iter().zip(b).all(|(x, y)| x | 0x20 == y | 0x20)
 }
 
 /// `name: value` and a line end, into a head being written.
@@ -772,7 +793,35 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_length;
+    use super::{is, parse_length};
+
+    #[test]
+    fn names_but_for_case() {
+        for name in [
+            &b"content-length"[..],
+            b"Content-Length",
+            b"CONTENT-LENGTH",
+            b"cOnTeNt-LeNgTh",
+        ] {
+            assert!(is(name, b"content-length"), "{name:?}");
+        }
+        assert!(is(b"TE", b"te"));
+        assert!(is(b"", b""));
+        assert!(is(b"Transfer-Encoding", b"transfer-encoding"));
+        // A difference in each place, the 8-byte part and the rest alike.
+        let good = b"transfer-encoding";
+        for i in 0..good.len() {
+            let mut bad = good.to_vec();
+            bad[i] = if bad[i] == b'-' { b'_' } else { b'-' };
+            assert!(!is(&bad, good), "{:?}", String::from_utf8_lossy(&bad));
+        }
+        assert!(!is(b"content-lengt", b"content-length"));
+        assert!(!is(b"content-lengthh", b"content-length"));
+        // Characters one case bit away from a letter are not that letter.
+        assert!(!is(b"c@nnection", b"connection"));
+        assert!(!is(b"[eep-alive", b"keep-alive"));
+        assert!(!is(b"d\xe1te", b"date"));
+    }
 
     #[test]
     fn lengths() {

@@ -34,7 +34,8 @@ use crate::body::{BoxError, ReqBody};
 // The same limits as for request heads: at most 100 fields, 64 KiB (also the
 // longest chunk-size or trailer line).
 use crate::h1::{
-    MAX_HEADERS, Span, parse_length, put_chunk_size, put_header, record_spans, write_all_vectored,
+    MAX_HEADERS, Span, is, parse_length, put_chunk_size, put_header, record_spans,
+    write_all_vectored,
 };
 use crate::peer::Peer;
 use crate::server::MAX_HEAD;
@@ -753,7 +754,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         let s = &spans[i];
         let name = &head[s[0] as usize..s[1] as usize];
         let value = &head[s[2] as usize..s[3] as usize];
-        if name.eq_ignore_ascii_case(b"content-length") {
+        if is(name, b"content-length") {
             for v in value.split(|&b| b == b',') {
                 let v = parse_length(v.trim_ascii())
                     .ok_or_else(|| SendError::Invalid("invalid Content-Length".into()))?;
@@ -768,25 +769,25 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
                 Some(l) if parse_length(value).is_some() => l.length = true,
                 _ => lines = None,
             }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+        } else if is(name, b"transfer-encoding") {
             te = true;
             // Only the last coding counts: chunked must be last to frame the body.
             te_chunked = value
                 .split(|&b| b == b',')
                 .map(<[u8]>::trim_ascii)
                 .rfind(|t| !t.is_empty())
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+                .is_some_and(|t| is(t, b"chunked"));
             if code != 101 {
                 // Framing of this hop only: ferry frames the client's copy.
                 continue;
             }
-        } else if name.eq_ignore_ascii_case(b"connection") {
+        } else if is(name, b"connection") {
             let mut names_others = false;
             for t in value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
-                if t.eq_ignore_ascii_case(b"close") {
+                if is(t, b"close") {
                     close = true;
-                } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                } else if is(t, b"keep-alive") {
                     keep_alive = true;
                 } else if !t.is_empty() {
                     names_others = true;
@@ -798,11 +799,11 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
                 continue;
             }
             raw = false;
-        } else if code != 101 && name.eq_ignore_ascii_case(b"keep-alive") {
+        } else if code != 101 && is(name, b"keep-alive") {
             continue;
         } else if is_stripped_later(name) {
             raw = false;
-        } else if name.eq_ignore_ascii_case(b"date")
+        } else if is(name, b"date")
             && let Some(l) = &mut lines
         {
             l.date = true;
@@ -898,7 +899,7 @@ fn is_stripped_later(name: &[u8]) -> bool {
         b"proxy-authorization",
     ]
     .iter()
-    .any(|n| name.eq_ignore_ascii_case(n))
+    .any(|n| is(name, n))
 }
 
 /// A response body read from an upstream HTTP/1.1 connection. When it has
