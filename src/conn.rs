@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Re
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 
 use crate::metrics::WorkerCounters;
 use crate::peer::now_ms;
+use crate::sock::{self, READ_CHUNK, Wire};
 
 /// Idle keep-alive, waiting for the first byte of a request.
 pub const WAITING: u8 = 0;
@@ -202,6 +204,32 @@ impl<T> ClientIo<T> {
     }
 }
 
+impl<T: Wire> ClientIo<T> {
+    /// Read what the client sent onto the end of `buf`, through a buffer on
+    /// the stack: while waiting, the connection holds no memory for reading.
+    /// `Ok(0)`: the client closed.
+    pub fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        let n = match self.inner.tcp() {
+            Some(s) => ready!(sock::poll_recv(s, cx, buf))?,
+            None => {
+                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut rb = ReadBuf::uninit(&mut stack);
+                ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+                buf.extend_from_slice(rb.filled());
+                rb.filled().len()
+            }
+        };
+        if n > 0 {
+            self.state.on_read();
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -217,13 +245,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for ClientIo<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
+impl<T: Wire> AsyncWrite for ClientIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        match self.inner.tcp() {
+            Some(s) => sock::poll_send(s, cx, buf),
+            None => Pin::new(&mut self.inner).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -231,7 +262,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for ClientIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        match self.inner.tcp() {
+            Some(s) => sock::poll_sendv(s, cx, bufs),
+            None => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

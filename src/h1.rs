@@ -19,7 +19,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -34,14 +34,11 @@ use crate::conn::{ClientIo, ConnState, READING, WAITING};
 use crate::peer::now_ms;
 use crate::proxy::{Ctx, RespBody};
 use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
+use crate::sock::Wire;
 
 /// Most header fields in a request head (hyper's limit too); more goes to
 /// hyper, which answers 431.
 pub(crate) const MAX_HEADERS: usize = 100;
-
-/// Bytes read per read call. A request head is usually far smaller; a larger
-/// one takes several reads.
-const READ_CHUNK: usize = 4096;
 
 /// Body data up to this size is copied behind the response head, so both go out
 /// in one write; larger data is written from where it lies.
@@ -52,7 +49,7 @@ const COPY_BODY: usize = 16 * 1024;
 /// prior-knowledge preface.
 pub fn serve<I>(io: I, client: Client, h2c: bool) -> impl Future<Output = ()> + Send
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Wire + Send + 'static,
 {
     // Wrapped before the future is made, so that the future holds the socket
     // once, not also as an argument.
@@ -112,7 +109,7 @@ struct Limits {
 /// Serve requests while they are simple ones.
 async fn serve_simple<I>(io: &mut ClientIo<I>, client: &Client, mut h2c: bool) -> Outcome
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: Wire + Send + 'static,
 {
     let ctx = client.ctx(false, true);
     let limits = {
@@ -245,8 +242,8 @@ impl Limits {
 /// client closed, a timeout passed (`client_header_timeout` for a first
 /// request or a head begun, `keepalive_timeout` between requests), or ferry is
 /// stopping; the connection closes without an answer, as nginx's does.
-async fn wait_for_bytes<I: AsyncRead + Unpin>(
-    io: &mut I,
+async fn wait_for_bytes<I: Wire>(
+    io: &mut ClientIo<I>,
     buf: &mut BytesMut,
     state: &ConnState,
     mut timer: Pin<&mut tokio::time::Sleep>,
@@ -256,7 +253,7 @@ async fn wait_for_bytes<I: AsyncRead + Unpin>(
     loop {
         tokio::select! {
             biased;
-            r = std::future::poll_fn(|cx| poll_fill(io, buf, cx)) => return r.map(|n| n > 0),
+            r = std::future::poll_fn(|cx| io.poll_fill(cx, buf)) => return r.map(|n| n > 0),
             _ = timer.as_mut() => {
                 let (st, since) = state.get();
                 let limit = match st {
@@ -274,21 +271,6 @@ async fn wait_for_bytes<I: AsyncRead + Unpin>(
             _ = stop.wait_for(|v| *v) => return Ok(false),
         }
     }
-}
-
-/// Read what the client sent into `buf`, through a buffer on the stack: while
-/// waiting, the connection holds no memory for reading.
-fn poll_fill<I: AsyncRead + Unpin>(
-    io: &mut I,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
-    let mut rb = ReadBuf::uninit(&mut stack);
-    ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-    let got = rb.filled();
-    buf.extend_from_slice(got);
-    Poll::Ready(Ok(got.len()))
 }
 
 /// What the bytes read so far hold.

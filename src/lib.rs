@@ -19,5 +19,6 @@ pub mod peer;
 pub mod proxy;
 pub mod runtime;
 pub mod server;
+pub mod sock;
 pub mod tls;
 pub mod upstream_h1;

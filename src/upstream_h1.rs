@@ -45,7 +45,7 @@ const READ_BUF: usize = 8 * 1024;
 
 /// The first read of a response goes through a buffer of this size on the
 /// stack (see [`poll_fill`]).
-const FIRST_READ: usize = 4096;
+const FIRST_READ: usize = crate::sock::READ_CHUNK;
 
 /// Request body data up to this size is copied behind the head, so both go
 /// out in one write.
@@ -128,7 +128,7 @@ impl AsyncWrite for UpIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpIo::Plain(s) => crate::sock::poll_send(s, cx, buf),
             UpIo::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
@@ -139,7 +139,7 @@ impl AsyncWrite for UpIo {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            UpIo::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpIo::Plain(s) => crate::sock::poll_sendv(s, cx, bufs),
             UpIo::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
@@ -687,6 +687,9 @@ async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<H
 /// into `buf`, with room made for them.
 fn poll_fill(io: &mut UpIo, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     if buf.capacity() == 0 {
+        if let UpIo::Plain(s) = io {
+            return crate::sock::poll_recv(s, cx, buf);
+        }
         let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
         let mut rb = ReadBuf::uninit(&mut stack);
         ready!(Pin::new(io).poll_read(cx, &mut rb))?;
