@@ -296,31 +296,39 @@ pub struct Head {
 #[derive(Debug)]
 pub struct RawFields {
     head: Bytes,
+    /// Where each field passed on lies in `head`, then, when `lines` is
+    /// known, the runs of whole lines they make (start and end).
     spans: Vec<Span>,
-    /// The kept fields as whole lines of `head`, when each is written there
-    /// exactly as ferry would write it (`name: value` and CRLF) and none is
-    /// one a client's head leaves out: a copy per run of lines then writes
-    /// them all.
+    /// How many of `spans` are fields.
+    fields: u32,
+    /// Known when each field is written in `head` exactly as ferry would
+    /// write it (`name: value` and CRLF) and none is one a client's head
+    /// leaves out: a copy per run of lines then writes them all.
     lines: Option<Lines>,
 }
 
-/// Runs of consecutive field lines in a response head (start, end), and what
-/// a writer of the head needs to know of the fields in them.
+/// What a writer of a head needs to know of fields it copies as whole lines.
 #[derive(Debug, Clone, Copy)]
 pub struct Lines {
-    runs: [(u32, u32); MAX_RUNS],
-    n: u8,
     /// A `Content-Length` is among them.
     pub length: bool,
     /// A `Date` is among them.
     pub date: bool,
 }
 
+/// Runs of consecutive field lines in a response head (start, end), while
+/// the head is parsed.
+struct Runs {
+    runs: [(u32, u32); MAX_RUNS],
+    n: usize,
+    lines: Lines,
+}
+
 /// Runs of lines kept inline: more (fields the proxy leaves out between
 /// others) and the fields are written one by one.
 const MAX_RUNS: usize = 4;
 
-impl Lines {
+impl Runs {
     /// Note the field at `s`, kept in the head's order. `false`: not written
     /// as ferry would, or one run too many.
     fn add(&mut self, head: &[u8], s: &Span) -> bool {
@@ -332,7 +340,7 @@ impl Lines {
             return false;
         }
         let end = s[3] + 2;
-        match self.n as usize {
+        match self.n {
             n if n > 0 && self.runs[n - 1].1 == s[0] => self.runs[n - 1].1 = end,
             MAX_RUNS => return false,
             n => {
@@ -348,16 +356,16 @@ impl RawFields {
     /// The fields as runs of whole lines of the head, when they can be
     /// written so (see [`RawFields::lines`]), with what is known of them.
     pub fn lines(&self) -> Option<(impl Iterator<Item = &[u8]>, Lines)> {
-        let lines = self.lines.as_ref()?;
-        let runs = lines.runs[..lines.n as usize]
+        let lines = self.lines?;
+        let runs = self.spans[self.fields as usize..]
             .iter()
-            .map(|&(a, b)| &self.head[a as usize..b as usize]);
-        Some((runs, *lines))
+            .map(|s| &self.head[s[0] as usize..s[1] as usize]);
+        Some((runs, lines))
     }
 
     /// The fields, name and value, in the order the upstream sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|s| {
+        self.spans[..self.fields as usize].iter().map(|s| {
             (
                 &self.head[s[0] as usize..s[1] as usize],
                 &self.head[s[2] as usize..s[3] as usize],
@@ -368,8 +376,9 @@ impl RawFields {
     /// The fields in a header map. Each was checked when the head was
     /// parsed, so none is left out.
     pub fn into_map(self) -> HeaderMap {
-        let mut map = HeaderMap::with_capacity(self.spans.len());
-        for s in &self.spans {
+        let fields = &self.spans[..self.fields as usize];
+        let mut map = HeaderMap::with_capacity(fields.len());
+        for s in fields {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(&self.head[s[0] as usize..s[1] as usize]),
                 HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize)),
@@ -727,6 +736,8 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
             .reason
             .filter(|r| !r.is_empty())
             .map(|r| (at(r.as_bytes()), at(r.as_bytes()) + r.len() as u32));
+        // Room for the runs of lines too (see `RawFields`).
+        spans.reserve_exact(resp.headers.len() + MAX_RUNS);
         spans.resize(resp.headers.len(), [0; 4]);
         record_spans(&mut spans, resp.headers, base);
         (len, code, minor, reason)
@@ -744,11 +755,13 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // `TE`, `Trailer`, `Proxy-*`).
     let mut kept = 0;
     let mut raw = code != 101;
-    let mut lines = Some(Lines {
+    let mut lines = Some(Runs {
         runs: [(0, 0); MAX_RUNS],
         n: 0,
-        length: false,
-        date: false,
+        lines: Lines {
+            length: false,
+            date: false,
+        },
     });
     let mut length: Option<u64> = None;
     let (mut te, mut te_chunked) = (false, false);
@@ -769,7 +782,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
             // A list ("5, 5") is one a client's head leaves out (see
             // `h1::encode_head`): those fields are written one by one.
             match &mut lines {
-                Some(l) if parse_length(value).is_some() => l.length = true,
+                Some(l) if parse_length(value).is_some() => l.lines.length = true,
                 _ => lines = None,
             }
         } else if is(name, b"transfer-encoding") {
@@ -809,7 +822,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         } else if is(name, b"date")
             && let Some(l) = &mut lines
         {
-            l.date = true;
+            l.lines.date = true;
         }
         if lines.as_mut().is_some_and(|l| !l.add(&head, s)) {
             lines = None;
@@ -818,6 +831,10 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         kept += 1;
     }
     spans.truncate(kept);
+    let lines = lines.map(|l| {
+        spans.extend(l.runs[..l.n].iter().map(|&(a, b)| [a, b, 0, 0]));
+        l.lines
+    });
     // A reason phrase other than the usual one goes to the client as it is.
     let reason_phrase = reason.and_then(|(a, b)| {
         let text = &head[a as usize..b as usize];
@@ -829,10 +846,18 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     // httparse took only token names and values of visible characters, spaces
     // and tabs: what a header map takes too.
     let (headers, fields) = if raw {
-        (None, Some(RawFields { head, spans, lines }))
+        (
+            None,
+            Some(RawFields {
+                head,
+                spans,
+                fields: kept as u32,
+                lines,
+            }),
+        )
     } else {
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for s in &spans {
+        let mut headers = HeaderMap::with_capacity(kept);
+        for s in &spans[..kept] {
             let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
                 .map_err(|_| SendError::Invalid("invalid header name".into()))?;
             let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
