@@ -15,7 +15,7 @@ use tokio::time::Sleep;
 
 use crate::metrics::WorkerCounters;
 use crate::peer::now_ms;
-use crate::sock::{self, READ_CHUNK, Wire};
+use crate::sock::{self, Wire};
 
 /// Idle keep-alive, waiting for the first byte of a request.
 pub const WAITING: u8 = 0;
@@ -215,13 +215,7 @@ impl<T: Wire> ClientIo<T> {
     ) -> Poll<io::Result<usize>> {
         let n = match self.inner.tcp() {
             Some(s) => ready!(sock::poll_recv(s, cx, buf))?,
-            None => {
-                let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
-                let mut rb = ReadBuf::uninit(&mut stack);
-                ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
-                buf.extend_from_slice(rb.filled());
-                rb.filled().len()
-            }
+            None => ready!(sock::poll_read_into(&mut self.inner, cx, buf))?,
         };
         if n > 0 {
             self.state.on_read();

@@ -76,6 +76,21 @@ pub fn poll_recv(
     }
 }
 
+/// What [`poll_recv`] does, for a stream that is not plain TCP (TLS): read
+/// at most [`READ_CHUNK`] bytes through a buffer on the stack onto the end of
+/// `buf`. `Ok(0)`: the peer closed.
+pub fn poll_read_into<R: AsyncRead + Unpin>(
+    r: &mut R,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut stack = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
+    let mut rb = tokio::io::ReadBuf::uninit(&mut stack);
+    ready!(std::pin::Pin::new(r).poll_read(cx, &mut rb))?;
+    buf.extend_from_slice(rb.filled());
+    Poll::Ready(Ok(rb.filled().len()))
+}
+
 /// Send `data` on `s` (without SIGPIPE if the peer is gone).
 pub fn poll_send(s: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
     loop {

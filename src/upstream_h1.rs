@@ -43,10 +43,6 @@ use crate::server::MAX_HEAD;
 /// Room kept free in the read buffer before each read.
 const READ_BUF: usize = 8 * 1024;
 
-/// The first read of a response goes through a buffer of this size on the
-/// stack (see [`poll_fill`]).
-const FIRST_READ: usize = crate::sock::READ_CHUNK;
-
 /// Request body data up to this size is copied behind the head, so both go
 /// out in one write.
 const COPY_BODY: usize = 16 * 1024;
@@ -696,14 +692,10 @@ async fn read_head(io: &mut UpIo, buf: &mut BytesMut, is_head: bool) -> Result<H
 /// into `buf`, with room made for them.
 fn poll_fill(io: &mut UpIo, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     if buf.capacity() == 0 {
-        if let UpIo::Plain(s) = io {
-            return crate::sock::poll_recv(s, cx, buf);
-        }
-        let mut stack = [MaybeUninit::<u8>::uninit(); FIRST_READ];
-        let mut rb = ReadBuf::uninit(&mut stack);
-        ready!(Pin::new(io).poll_read(cx, &mut rb))?;
-        buf.extend_from_slice(rb.filled());
-        return Poll::Ready(Ok(rb.filled().len()));
+        return match io {
+            UpIo::Plain(s) => crate::sock::poll_recv(s, cx, buf),
+            UpIo::Tls(s) => crate::sock::poll_read_into(&mut **s, cx, buf),
+        };
     }
     if buf.capacity() - buf.len() < 1024 {
         buf.reserve(READ_BUF);
