@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::body::ClientBody;
 use crate::conn::{ClientIo, ConnState, READING, WAITING};
 use crate::peer::now_ms;
-use crate::proxy::{Ctx, RespBody};
+use crate::proxy::{Ctx, Exchange, RespBody};
 use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
 use crate::sock::Wire;
 
@@ -175,18 +175,36 @@ where
 
 /// Serve one request and write its response. `Ok(true)`: close the
 /// connection after it (the client, the response or a shutdown said so).
-async fn serve_one<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    ctx: &Arc<Ctx>,
+///
+/// Routing and preparing the request happen here, before the future exists:
+/// it then holds the request once, in its [`Exchange`], and each stage works
+/// on that in place.
+fn serve_one<'a, I: AsyncWrite + Unpin>(
+    io: &'a mut I,
+    ctx: &'a Arc<Ctx>,
     req: Request<ClientBody>,
     mut close: bool,
-    stop: &tokio::sync::watch::Receiver<bool>,
-) -> io::Result<bool> {
+    stop: &'a tokio::sync::watch::Receiver<bool>,
+) -> impl Future<Output = io::Result<bool>> + 'a {
     let is_head = req.method() == Method::HEAD;
-    let resp = crate::proxy::answer!(ctx, req);
-    close |= *stop.borrow();
-    write_response(io, resp, is_head, &mut close).await?;
-    Ok(close)
+    let mut x = Exchange::begin(ctx, req);
+    async move {
+        let resp = x.answer(ctx).await;
+        let resp = x.end(ctx, resp);
+        close |= *stop.borrow();
+        let (out, mut body, framing) = encode_response(resp, is_head, &mut close);
+        match framing {
+            Framing::None => {
+                io.write_all(&out).await?;
+                drop(body);
+            }
+            Framing::Length | Framing::Chunked => {
+                send_body(io, &mut body, out, framing == Framing::Chunked).await?;
+            }
+        }
+        io.flush().await?;
+        Ok(close)
+    }
 }
 
 /// Drive `serving` and, while its request waits for a response head, the
@@ -417,15 +435,15 @@ enum Framing {
     Chunked,
 }
 
-/// Write a response, its head and body, and flush. `close` comes in as whether
-/// the connection closes after it, and is set when the response says so.
-async fn write_response<I: AsyncWrite + Unpin>(
-    io: &mut I,
+/// Encode a response's head for the wire, and give it with the body and how
+/// the body is delimited. `close` comes in as whether the connection closes
+/// after it, and is set when the response says so.
+fn encode_response(
     resp: Response<RespBody>,
     is_head: bool,
     close: &mut bool,
-) -> io::Result<()> {
-    let (parts, mut body) = resp.into_parts();
+) -> (Vec<u8>, RespBody, Framing) {
+    let (parts, body) = resp.into_parts();
     if parts
         .headers
         .get(header::CONNECTION)
@@ -435,17 +453,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
     }
     let mut out = Vec::with_capacity(512);
     let framing = encode_head(&parts, &body, is_head, *close, &mut out);
-    drop(parts);
-    match framing {
-        Framing::None => {
-            io.write_all(&out).await?;
-            drop(body);
-        }
-        Framing::Length | Framing::Chunked => {
-            send_body(io, &mut body, out, framing == Framing::Chunked).await?;
-        }
-    }
-    io.flush().await
+    (out, body, framing)
 }
 
 /// Whether a comma-separated header value lists `token`.

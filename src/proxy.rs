@@ -537,45 +537,106 @@ fn is_idempotent(m: &Method) -> bool {
     !matches!(m.as_str(), "POST" | "PATCH" | "LOCK")
 }
 
-/// Serve one client request and give its response: the steps of
-/// [`handle`], written out in place so that ferry's HTTP/1.1 loop runs them in
-/// its own future rather than awaiting one more (whose state would be copied
-/// in at every request).
-macro_rules! answer {
-    ($ctx:expr, $req:expr) => {{
-        let ctx: &Arc<Ctx> = $ctx;
-        let req: Request<ClientBody> = $req;
-        let (mut done, had_body, local) = $crate::proxy::begin(ctx, &req);
-        let mut resp = None;
-        if local {
-            resp = $crate::proxy::answered_locally(&req, ctx, &mut done).await;
-        }
-        let resp = match resp {
-            Some(r) => r,
-            None => match $crate::proxy::route(ctx, &req, &mut done) {
-                Err((status, text)) => $crate::proxy::full(status, text),
-                Ok((up, body_limit)) => {
-                    $crate::proxy::forward(ctx, &up, req, body_limit, &mut done).await
-                }
-            },
-        };
-        $crate::proxy::end(ctx, resp, done, had_body)
-    }};
+/// One client request on its way to an answer: its accounting ([`Done`]) and
+/// what is to be done with it. [`Exchange::begin`] does all that needs no
+/// waiting; [`Exchange::answer`] then works on it in place, so that the
+/// request is not copied into each future that handles it.
+pub(crate) struct Exchange {
+    done: Done,
+    had_body: bool,
+    step: Step,
 }
-pub(crate) use answer;
+
+/// What is left to do for a request.
+enum Step {
+    /// A plain listener may answer it itself (ACME, redirect to https).
+    Local(Request<ClientBody>),
+    /// Answered without an upstream.
+    Ready(Response<Kind>),
+    /// To forward to this upstream.
+    Forward(Arc<Upstream>, Outbound),
+    /// Answered already.
+    Taken,
+}
+
+impl Exchange {
+    /// Count and time a request, route it, and prepare what goes upstream.
+    pub(crate) fn begin(ctx: &Arc<Ctx>, req: Request<ClientBody>) -> Exchange {
+        // One look at the configuration serves the whole start.
+        let rt = ctx.shared.runtime.load();
+        let (mut done, had_body, local) = begin(ctx, &req, &rt);
+        let step = if local {
+            Step::Local(req)
+        } else {
+            routed(ctx, &rt, req, &mut done)
+        };
+        Exchange {
+            done,
+            had_body,
+            step,
+        }
+    }
+
+    /// The answer to the request: ferry's own, or the upstream's.
+    pub(crate) async fn answer(&mut self, ctx: &Arc<Ctx>) -> Response<Kind> {
+        if let Step::Local(req) = &self.step {
+            if let Some(resp) = answered_locally(req, ctx, &mut self.done).await {
+                self.step = Step::Taken;
+                return resp;
+            }
+            if let Step::Local(req) = std::mem::replace(&mut self.step, Step::Taken) {
+                let rt = ctx.shared.runtime.load();
+                self.step = routed(ctx, &rt, req, &mut self.done);
+            }
+        }
+        match &mut self.step {
+            Step::Forward(up, out) => forward(ctx, up, out, &mut self.done).await,
+            step => match std::mem::replace(step, Step::Taken) {
+                Step::Ready(resp) => resp,
+                // Answered twice: a bug, not the client's doing.
+                _ => full(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "500 Internal Server Error\n",
+                ),
+            },
+        }
+    }
+
+    /// The response for the client, which finishes the request when its body
+    /// ends. What was kept for sending the request again goes now.
+    pub(crate) fn end(self, ctx: &Ctx, resp: Response<Kind>) -> Response<RespBody> {
+        end(ctx, resp, self.done, self.had_body)
+    }
+}
+
+/// The step for a request that goes to an upstream, or the answer that says
+/// why it does not.
+fn routed(ctx: &Arc<Ctx>, rt: &Runtime, req: Request<ClientBody>, done: &mut Done) -> Step {
+    match route(ctx, rt, &req, done) {
+        Err((status, text)) => Step::Ready(full(status, text)),
+        Ok((up, body_limit)) => {
+            let out = prepare(ctx, &up, req, body_limit);
+            Step::Forward(up, out)
+        }
+    }
+}
 
 /// Serve one client request.
-pub async fn handle(
+pub fn handle(
     ctx: Arc<Ctx>,
     req: Request<ClientBody>,
-) -> Result<Response<RespBody>, Infallible> {
-    Ok(answer!(&ctx, req))
+) -> impl Future<Output = Result<Response<RespBody>, Infallible>> + Send {
+    let mut x = Exchange::begin(&ctx, req);
+    async move {
+        let resp = x.answer(&ctx).await;
+        Ok(x.end(&ctx, resp))
+    }
 }
 
 /// The start of a request: counted, timed, and whether the listener may answer
 /// it itself ([`plain_listener_answer`]). Returns its [`Done`], whether it
 /// has a body, and that.
-pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, bool) {
+fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>, rt: &Runtime) -> (Done, bool, bool) {
     let start = Instant::now();
     let start_ms = ms_at(start);
     ctx.state.request_started(start_ms);
@@ -603,7 +664,6 @@ pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, b
     };
     let had_body = !req.body().is_end_stream();
     let local = ctx.scheme == "http" && {
-        let rt = ctx.shared.runtime.load();
         let server = &rt.config.server;
         server.redirect_https || server.acme_webroot.is_some()
     };
@@ -611,7 +671,7 @@ pub(crate) fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool, b
 }
 
 /// The answer of [`plain_listener_answer`], if any, noted in `done`.
-pub(crate) async fn answered_locally(
+async fn answered_locally(
     req: &Request<ClientBody>,
     ctx: &Ctx,
     done: &mut Done,
@@ -626,13 +686,13 @@ pub(crate) async fn answered_locally(
 
 /// The upstream a request goes to, and the body size limit; or the status
 /// and text of the answer when it must not be forwarded.
-pub(crate) fn route(
+fn route(
     ctx: &Ctx,
+    rt: &Runtime,
     req: &Request<ClientBody>,
     done: &mut Done,
 ) -> Result<(Arc<Upstream>, u64), (StatusCode, &'static str)> {
-    let rt = ctx.shared.runtime.load();
-    match check_request(req, &rt) {
+    match check_request(req, rt) {
         Err((status, text, note)) => {
             if status == StatusCode::NOT_FOUND {
                 ctx.shared.metrics.unrouted.fetch_add(1, Relaxed);
@@ -650,12 +710,7 @@ pub(crate) fn route(
 
 /// The response for the client, which finishes the request's [`Done`] when
 /// its body ends.
-pub(crate) fn end(
-    ctx: &Ctx,
-    resp: Response<Kind>,
-    mut done: Done,
-    had_body: bool,
-) -> Response<RespBody> {
+fn end(ctx: &Ctx, resp: Response<Kind>, mut done: Done, had_body: bool) -> Response<RespBody> {
     let (mut parts, kind) = resp.into_parts();
     done.status = parts.status.as_u16();
     if let Kind::Full(_) = kind
@@ -856,10 +911,12 @@ fn upstream_request(
     let h = &mut parts.headers;
     // One pass over the names: most requests carry none of the fields ferry
     // replaces, and every lookup or removal hashes a name.
-    let (mut has_host, mut replaced) = (false, false);
-    for name in h.keys() {
+    let (mut host, mut replaced) = (None, false);
+    for (name, value) in h.iter() {
         if name == header::HOST {
-            has_host = true;
+            if host.is_none() {
+                host = Some(value.clone());
+            }
         } else if name == header::EXPECT
             || name == X_FORWARDED_FOR
             || name == X_REAL_IP
@@ -902,8 +959,8 @@ fn upstream_request(
         chain.extend_from_slice(ip_value.as_bytes());
         HeaderValue::from_bytes(&chain).unwrap_or(ip_value.clone())
     };
-    let host = if has_host {
-        h.get(header::HOST).cloned()
+    let host = if host.is_some() {
+        host
     } else {
         let host = parts
             .uri
@@ -1028,45 +1085,71 @@ fn pick(
     Some((Arc::clone(peer), pos))
 }
 
-pub(crate) async fn forward(
-    ctx: &Arc<Ctx>,
-    up: &Arc<Upstream>,
-    mut req: Request<ClientBody>,
-    body_limit: u64,
-    done: &mut Done,
-) -> Response<Kind> {
-    let cfg = &up.cfg;
-    let client_ip = ctx.remote.ip();
-    let mut key_buf = Vec::new();
+/// A request made ready to go upstream: what [`forward`] needs that is built
+/// before anything is awaited ([`prepare`]). It stays in place while the
+/// attempts borrow it, rather than moving with every future that carries it.
+pub(crate) struct Outbound {
+    /// The request to send next, when there is one.
+    pending: Option<Request<ReqBody>>,
+    fwd: Forwarded,
+    /// The rendered `hash` key, when the upstream balances by one.
+    key: Vec<u8>,
+    /// The client's side of an upgrade the upstream may accept.
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    /// When the request body last moved (ms; 0 = not yet): only a body that
+    /// streams has one.
+    started: Option<Arc<AtomicU64>>,
+}
+
+/// Build what [`forward`] sends to `up` from a client request.
+fn prepare(ctx: &Ctx, up: &Upstream, mut req: Request<ClientBody>, body_limit: u64) -> Outbound {
+    let mut key = Vec::new();
     if let Some(t) = &up.hash_key {
-        t.render(req.uri(), req.headers(), client_ip, &mut key_buf);
+        t.render(req.uri(), req.headers(), ctx.remote.ip(), &mut key);
     }
-    let key = RequestKey {
-        client_ip,
-        hash_key: &key_buf,
-    };
     let mut client_upgrade = None;
-    if req.headers().contains_key(header::UPGRADE) {
+    // Only hyper hands over upgrades: ferry's own loop passes any request
+    // with an `Upgrade` field to it (and its requests have no body).
+    if !matches!(req.body(), ClientBody::Empty) && req.headers().contains_key(header::UPGRADE) {
         client_upgrade = Some(hyper::upgrade::on(&mut req));
     }
-    // When the request body last moved (ms; 0 = not yet): only a body that
-    // streams has one.
     let started = (!req.body().is_end_stream()).then(|| Arc::new(AtomicU64::new(0)));
-    // One binding for the request from here on: each new one would take its
-    // own room in this future's state.
-    // The request to send next, when there is one. Built in a block so that no
-    // other binding holds it: each would take its own room in this future.
-    let (mut pending, fwd, upgrade) = {
-        let (r, fwd, upgrade) =
-            upstream_request(ctx, req, body_limit, started.as_ref(), cfg.scheme);
-        (Some(r), fwd, upgrade)
-    };
-    let Some(req) = pending.as_mut() else {
-        return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
-    };
+    let (r, fwd, upgrade) = upstream_request(ctx, req, body_limit, started.as_ref(), up.cfg.scheme);
     if !upgrade {
         client_upgrade = None;
     }
+    Outbound {
+        pending: Some(r),
+        fwd,
+        key,
+        client_upgrade,
+        started,
+    }
+}
+
+/// Send a prepared request to `up`, passing it to the next peer as the
+/// upstream's `next_upstream` rules allow, and give the response for the client.
+pub(crate) async fn forward(
+    ctx: &Arc<Ctx>,
+    up: &Arc<Upstream>,
+    out: &mut Outbound,
+    done: &mut Done,
+) -> Response<Kind> {
+    let cfg = &up.cfg;
+    let key = RequestKey {
+        client_ip: ctx.remote.ip(),
+        hash_key: &out.key,
+    };
+    let Outbound {
+        pending,
+        fwd,
+        client_upgrade,
+        started,
+        ..
+    } = out;
+    let Some(req) = pending.as_mut() else {
+        return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
+    };
     // Read small bodies of known length whole first, so that a retry can send
     // them again. A body of unknown length (chunked) streams at once: holding it
     // back could stall a client that sends a little and waits for an answer.
@@ -1197,7 +1280,7 @@ pub(crate) async fn forward(
             t0_ms = ms_at(t0);
         }
         if pending.is_none() {
-            pending = template.as_deref().and_then(replay_copy);
+            *pending = template.as_deref().and_then(replay_copy);
         }
         let Some(req) = pending.as_mut() else {
             break;
@@ -1212,7 +1295,7 @@ pub(crate) async fn forward(
             progress: started.as_deref(),
             ticker: ctx.ticked.then_some(&ctx.read_deadline),
         };
-        let result = attempt(&peer, cfg, req, &fwd, idempotent, &clock).await;
+        let result = attempt(&peer, cfg, req, fwd, idempotent, &clock).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let answered = Instant::now();
         let took = answered.saturating_duration_since(t0);
@@ -1247,12 +1330,12 @@ pub(crate) async fn forward(
                 if can_retry {
                     if !keeps {
                         // Handed to the stream: the next attempt sends a copy.
-                        pending = None;
+                        *pending = None;
                     }
                     tracing::info!(upstream = %cfg.name, peer = %peer.addr_str, status = status.as_u16(), "passing the request to the next peer");
                     continue;
                 }
-                return respond(up, guard, resp, client_upgrade, done);
+                return respond(up, guard, resp, client_upgrade.take(), done);
             }
             Err(e) => {
                 if let AttemptError::TooLarge = e {
@@ -1325,7 +1408,7 @@ pub(crate) async fn forward(
                     // Gone (or partly gone) with the attempt; a request that
                     // never left, or that an HTTP/1.1 attempt only read, stays
                     // ours to send elsewhere.
-                    pending = None;
+                    *pending = None;
                 }
             }
         }
