@@ -92,9 +92,13 @@ pub fn poll_read_into<R: AsyncRead + Unpin>(
 }
 
 /// Send `data` on `s` (without SIGPIPE if the peer is gone).
+///
+/// A socket is nearly always writable, and tokio remembers when it last was
+/// not: the send is tried first, and only a socket not known writable (or
+/// one the kernel finds full) has the task wait for readiness. Reads, which
+/// wait for the peer, still count against tokio's cooperative budget.
 pub fn poll_send(s: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
     loop {
-        ready!(s.poll_write_ready(cx))?;
         let r = s.try_io(Interest::WRITABLE, || {
             Ok(rustix::net::send(s, data, SendFlags::NOSIGNAL)?)
         });
@@ -102,6 +106,7 @@ pub fn poll_send(s: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::R
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return Poll::Ready(r),
         }
+        ready!(s.poll_write_ready(cx))?;
     }
 }
 
@@ -116,8 +121,8 @@ pub fn poll_sendv(
         [one] => return poll_send(s, cx, one),
         _ => {}
     }
+    // Tried first, as in `poll_send`.
     loop {
-        ready!(s.poll_write_ready(cx))?;
         let r = s.try_io(Interest::WRITABLE, || {
             Ok(rustix::net::sendmsg(
                 s,
@@ -130,6 +135,7 @@ pub fn poll_sendv(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return Poll::Ready(r),
         }
+        ready!(s.poll_write_ready(cx))?;
     }
 }
 
@@ -174,6 +180,43 @@ mod tests {
         assert_eq!(buf.last(), Some(&b'x'));
         drop(client);
         assert_eq!(recv(&server, &mut buf).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_waits_for_room_then_sends_the_rest() {
+        let (mut client, server) = pair().await;
+        let chunk = vec![7u8; 64 * 1024];
+        // Fill the socket until the kernel takes no more: the send is pending.
+        let mut sent = 0usize;
+        let mut filled = false;
+        for _ in 0..10_000 {
+            match poll_fn(|cx| Poll::Ready(poll_send(&server, cx, &chunk))).await {
+                Poll::Ready(r) => sent += r.expect("send"),
+                Poll::Pending => {
+                    filled = true;
+                    break;
+                }
+            }
+        }
+        assert!(filled, "the socket never filled");
+        // The peer reads everything; the waiting send then goes through.
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.expect("read");
+            all
+        });
+        let last = tokio::time::timeout(
+            Duration::from_secs(10),
+            poll_fn(|cx| poll_send(&server, cx, &chunk)),
+        )
+        .await
+        .expect("room within 10 s")
+        .expect("send");
+        assert!(last > 0);
+        drop(server);
+        let all = reader.await.expect("reader");
+        assert_eq!(all.len(), sent + last);
+        assert!(all.iter().all(|&b| b == 7));
     }
 
     #[tokio::test]
