@@ -353,6 +353,16 @@ def main():
                       f"{m['rps'] / b['rps']:14.2f} {m['us_per_req'] / max(b['us_per_req'], 1e-9):8.2f} "
                       f"{m['p99'] / max(b['p99'], 1e-9):6.2f} "
                       f"{m['user_us_per_req'] / max(b['user_us_per_req'], 1e-9):6.2f}")
+            # How much the CPU ratio moves between rounds: each round's CPU per
+            # request against nginx's in the same round.
+            print(f"\n{label}: CPU/req against nginx's in the same round")
+            base = [x["us_per_req"] for x in res[(label, "nginx")]]
+            for n, _ in cands:
+                if n == "nginx":
+                    continue
+                rs = [x["us_per_req"] / max(y, 1e-9) for x, y in zip(res[(label, n)], base)]
+                print(f"{n:10} rounds {' '.join(f'{r:.2f}' for r in rs)} | "
+                      f"median {statistics.median(rs):.2f}, min {min(rs):.2f}, max {max(rs):.2f}")
     finally:
         os.killpg(backend.pid, signal.SIGTERM)
         backend.wait()
