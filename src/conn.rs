@@ -1,16 +1,17 @@
 //! Per-client-connection state: what stub_status calls Reading, Writing and
 //! Waiting, and the timestamps the idle and header timeouts are measured from.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Sleep;
 
 use crate::metrics::WorkerCounters;
@@ -304,5 +305,121 @@ impl<T: Wire> AsyncWrite for ClientIo<T> {
         // A fast sender: let the worker's other connections run, then go on.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+}
+
+thread_local! {
+    /// The tasks of this worker's connections that wait for a request, woken
+    /// all at once when ferry stops ([`wake_stop_watchers`]). Each worker runs
+    /// its connections on its own thread.
+    static STOP_WATCHERS: RefCell<slab::Slab<Waker>> = const { RefCell::new(slab::Slab::new()) };
+}
+
+/// Whether ferry is stopping, as a connection waiting for its next request
+/// watches it: the connection's task is registered once with its worker
+/// ([`STOP_WATCHERS`]), so a wait costs one atomic load instead of a `watch`
+/// waiter added and removed each time, and holds no waiter state.
+#[derive(Default)]
+pub struct StopWatch {
+    slot: Option<usize>,
+}
+
+impl StopWatch {
+    /// Ready once `stop` says ferry is stopping, or its sender is gone.
+    pub fn poll_stop(&mut self, cx: &mut Context<'_>, stop: &watch::Receiver<bool>) -> Poll<()> {
+        let stopping = if self.slot.is_none() {
+            // Registered with the task's waker, which stays the same for the
+            // connection's life; the value as it is now covers a stop that
+            // came before.
+            self.slot = Some(STOP_WATCHERS.with(|w| w.borrow_mut().insert(cx.waker().clone())));
+            stop.has_changed().is_err() || *stop.borrow()
+        } else {
+            // A stop is a new version of the value.
+            match stop.has_changed() {
+                Ok(false) => false,
+                Ok(true) => *stop.borrow(),
+                Err(_) => true,
+            }
+        };
+        if stopping {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+impl Drop for StopWatch {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot {
+            // `try_with`: at the thread's end the registry may be gone already.
+            let _ = STOP_WATCHERS.try_with(|w| w.borrow_mut().try_remove(slot));
+        }
+    }
+}
+
+/// Wake this worker's connections that wait for a request: ferry stops, and
+/// they close (see [`StopWatch`]).
+pub fn wake_stop_watchers() {
+    STOP_WATCHERS.with(|w| {
+        for (_, waker) in w.borrow().iter() {
+            waker.wake_by_ref();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::poll_fn;
+
+    fn registered() -> usize {
+        STOP_WATCHERS.with(|w| w.borrow().len())
+    }
+
+    #[tokio::test]
+    async fn a_waiting_connection_is_woken_when_ferry_stops() {
+        let (tx, rx) = watch::channel(false);
+        let before = registered();
+        let waiting = tokio::spawn(async move {
+            let mut w = StopWatch::default();
+            poll_fn(|cx| w.poll_stop(cx, &rx)).await;
+        });
+        // The task runs on this thread: it registers at its first poll.
+        for _ in 0..100 {
+            if registered() > before {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(registered(), before + 1);
+        // Nothing wakes it until its worker does.
+        tx.send(true).expect("send");
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        wake_stop_watchers();
+        tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("woken within 10 s")
+            .expect("task");
+        // Gone from the registry with its connection.
+        assert_eq!(registered(), before);
+    }
+
+    #[test]
+    fn a_stop_that_came_before_the_first_wait_is_seen() {
+        let (tx, rx) = watch::channel(false);
+        tx.send(true).expect("send");
+        let mut w = StopWatch::default();
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(w.poll_stop(&mut cx, &rx).is_ready());
+        // So is a sender that is gone.
+        let (tx, rx) = watch::channel(false);
+        drop(tx);
+        let mut w = StopWatch::default();
+        assert!(w.poll_stop(&mut cx, &rx).is_ready());
     }
 }

@@ -30,7 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::body::ClientBody;
-use crate::conn::{ClientIo, ConnState, READING, WAITING};
+use crate::conn::{ClientIo, ConnState, READING, StopWatch, WAITING};
 use crate::peer::now_ms;
 use crate::proxy::{Ctx, Exchange, RespBody};
 use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
@@ -119,7 +119,8 @@ where
             keepalive_ms: rt.config.server.keepalive_timeout.as_millis() as u64,
         }
     };
-    let mut stop = client.stop.clone();
+    let stop = &client.stop;
+    let mut watch = StopWatch::default();
     // One timer for the connection's life, re-armed only when it fires (see
     // `wait_for_bytes`): serving a request costs no timer work.
     let timer = tokio::time::sleep(Duration::from_millis(limits.period()));
@@ -149,7 +150,8 @@ where
                 &mut buf,
                 &client.state,
                 timer.as_mut(),
-                &mut stop,
+                stop,
+                &mut watch,
                 &limits,
             )
             .await;
@@ -160,7 +162,7 @@ where
         close |= limits.keepalive_ms == 0;
         // Boxed: the request's state exists only while it is served, and an
         // idle connection keeps just what waiting needs.
-        let serving = Box::pin(serve_one(io, &ctx, req, close, &stop));
+        let serving = Box::pin(serve_one(io, &ctx, req, close, stop));
         match with_ticks(serving, timer.as_mut(), &ctx.read_deadline, &limits).await {
             Ok(false) => {}
             Ok(true) => return Outcome::Close,
@@ -265,7 +267,8 @@ async fn wait_for_bytes<I: Wire>(
     buf: &mut BytesMut,
     state: &ConnState,
     mut timer: Pin<&mut tokio::time::Sleep>,
-    stop: &mut tokio::sync::watch::Receiver<bool>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    watch: &mut StopWatch,
     limits: &Limits,
 ) -> io::Result<bool> {
     loop {
@@ -286,7 +289,7 @@ async fn wait_for_bytes<I: Wire>(
                 let wait = if limit == u64::MAX { limits.period() } else { limit - elapsed };
                 timer.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
             }
-            _ = stop.wait_for(|v| *v) => return Ok(false),
+            _ = std::future::poll_fn(|cx| watch.poll_stop(cx, stop)) => return Ok(false),
         }
     }
 }

@@ -720,6 +720,8 @@ async fn worker(
         }
     }
     drop(accepting);
+    // Connections waiting for a request close now.
+    crate::conn::wake_stop_watchers();
     let timeout = shared.runtime.load().config.server.shutdown_timeout;
     let deadline = Instant::now() + timeout;
     loop {

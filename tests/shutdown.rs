@@ -53,3 +53,29 @@ fn sigterm_closes_idle_keepalive_connections_while_a_request_finishes() {
     );
     assert!(answered >= Duration::from_millis(1000), "{answered:?}");
 }
+
+#[test]
+fn sigterm_closes_idle_connections_on_every_worker() {
+    let b = Backends::start(1);
+    let cfg = config("", &b.servers("")).replace("workers = 1", "workers = 2");
+    let mut f = Ferry::start(&cfg);
+    // Enough connections that both workers hold some of them.
+    let mut idle: Vec<RawConn> = (0..16).map(|_| RawConn::connect(f.addr)).collect();
+    for c in &mut idle {
+        assert_eq!(c.request("GET", "/", &[]).status, 200);
+    }
+    f.signal("TERM");
+    for c in &mut idle {
+        let closed = c.wait_closed(DEADLINE);
+        assert!(
+            closed.is_some_and(|d| d < Duration::from_millis(1000)),
+            "an idle keep-alive connection was not closed promptly: {closed:?}"
+        );
+    }
+    assert_eq!(
+        f.wait_exit(DEADLINE),
+        Some(0),
+        "{:?}",
+        f.logs.lock().unwrap()
+    );
+}
