@@ -112,6 +112,11 @@ impl AccessLog {
         })
     }
 
+    /// Whether requests are logged.
+    pub fn is_on(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// The request's part of its log line, taken when it arrives (`None` when
     /// the log is off).
     pub fn request_part(&self, req: &http::Request<impl Sized>) -> Option<RequestPart> {

@@ -127,7 +127,7 @@ where
     tokio::pin!(timer);
     let mut buf = BytesMut::new();
     loop {
-        let (req, mut close) = loop {
+        let (req, fields, mut close) = loop {
             if h2c && !buf.is_empty() {
                 // HTTP/2 with prior knowledge starts with the preface; only the
                 // first bytes of a connection can be it.
@@ -140,7 +140,7 @@ where
             }
             if !h2c && !buf.is_empty() {
                 match take_request(&mut buf) {
-                    Take::Request(req, close) => break (req, close),
+                    Take::Request(req, fields, close) => break (req, fields, close),
                     Take::Partial => {}
                     Take::Other => return Outcome::HandOff(buf),
                 }
@@ -162,7 +162,7 @@ where
         close |= limits.keepalive_ms == 0;
         // Boxed: the request's state exists only while it is served, and an
         // idle connection keeps just what waiting needs.
-        let serving = Box::pin(serve_one(io, &ctx, req, close, stop));
+        let serving = Box::pin(serve_one(io, &ctx, req, fields, close, stop));
         match with_ticks(serving, timer.as_mut(), &ctx.read_deadline, &limits).await {
             Ok(false) => {}
             Ok(true) => return Outcome::Close,
@@ -185,11 +185,12 @@ fn serve_one<'a, I: AsyncWrite + Unpin>(
     io: &'a mut I,
     ctx: &'a Arc<Ctx>,
     req: Request<ClientBody>,
+    fields: ReqFields,
     mut close: bool,
     stop: &'a tokio::sync::watch::Receiver<bool>,
 ) -> impl Future<Output = io::Result<bool>> + 'a {
     let is_head = req.method() == Method::HEAD;
-    let mut x = Exchange::begin(ctx, req);
+    let mut x = Exchange::begin(ctx, req, Some(fields));
     async move {
         let resp = x.answer(ctx).await;
         let resp = x.end(ctx, resp);
@@ -299,8 +300,9 @@ async fn wait_for_bytes<I: Wire>(
 // cost an allocation for nothing.
 #[allow(clippy::large_enum_variant)]
 enum Take {
-    /// A request this loop serves, and whether the client asked to close after it.
-    Request(Request<ClientBody>, bool),
+    /// A request this loop serves (its fields apart, as written), and whether
+    /// the client asked to close after it.
+    Request(Request<ClientBody>, ReqFields, bool),
     /// A head not complete yet.
     Partial,
     /// Something for hyper: a body, an upgrade, HTTP/1.0, an error to answer.
@@ -363,6 +365,9 @@ fn take_request(buf: &mut BytesMut) -> Take {
         (len, method, target, req.headers.len())
     };
     let mut close = false;
+    // An origin-form target goes upstream as it is; another is rewritten.
+    let mut plain = buf.get(target.0 as usize) == Some(&b'/');
+    let mut host = None;
     for s in &spans[..n] {
         let name = &buf[s[0] as usize..s[1] as usize];
         let value = &buf[s[2] as usize..s[3] as usize];
@@ -370,6 +375,8 @@ fn take_request(buf: &mut BytesMut) -> Take {
             if value != b"0" {
                 return Take::Other;
             }
+        } else if is(name, b"host") {
+            host.get_or_insert((s[2], s[3]));
         } else if is(name, b"connection") {
             for t in value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
@@ -377,6 +384,9 @@ fn take_request(buf: &mut BytesMut) -> Take {
                     close = true;
                 } else if is(t, b"upgrade") {
                     return Take::Other;
+                } else if !t.is_empty() && !is(t, b"keep-alive") {
+                    // Names a field to drop before forwarding.
+                    plain = false;
                 }
             }
         } else if is(name, b"transfer-encoding")
@@ -385,14 +395,24 @@ fn take_request(buf: &mut BytesMut) -> Take {
             || is(name, b"te")
         {
             return Take::Other;
+        } else if is_forwarding_field(name) {
+            plain = false;
         }
     }
     let head = buf.split_to(len).freeze();
-    match build(&head, method, target, &spans[..n]) {
-        Some(req) => Take::Request(req, close),
+    match build(&head, method, target) {
+        Some(req) => Take::Request(
+            req,
+            ReqFields {
+                head,
+                spans: spans[..n].to_vec(),
+                host,
+                plain,
+            },
+            close,
+        ),
         None => {
-            // Not one for this loop after all (a target or a value http
-            // refuses): give the bytes back for hyper to answer.
+            // Not one for this loop after all (a target http refuses): give the bytes back for hyper to answer.
             let mut all = BytesMut::with_capacity(head.len() + buf.len());
             all.extend_from_slice(&head);
             all.extend_from_slice(buf);
@@ -402,29 +422,97 @@ fn take_request(buf: &mut BytesMut) -> Take {
     }
 }
 
-/// The request for a parsed head.
-fn build(
-    head: &Bytes,
-    method: Method,
-    target: (u32, u32),
-    spans: &[Span],
-) -> Option<Request<ClientBody>> {
+/// The request for a parsed head: method, target and version. Its fields stay
+/// in the [`ReqFields`] beside it.
+fn build(head: &Bytes, method: Method, target: (u32, u32)) -> Option<Request<ClientBody>> {
     let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize)).ok()?;
-    // Exactly the fields read: the proxy's own (X-Forwarded-*, X-Real-IP) are
-    // written by the upstream client, not added to this map.
-    let mut headers = HeaderMap::with_capacity(spans.len());
-    for s in spans {
-        let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize]).ok()?;
-        let value =
-            HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize)).ok()?;
-        headers.append(name, value);
-    }
     let mut req = Request::new(ClientBody::Empty);
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
-    *req.headers_mut() = headers;
     Some(req)
+}
+
+/// The proxy's own request fields (`X-Forwarded-*`, `X-Real-IP`): ferry
+/// replaces a client's.
+fn is_forwarding_field(name: &[u8]) -> bool {
+    match name.len() {
+        9 => is(name, b"x-real-ip"),
+        15 => is(name, b"x-forwarded-for"),
+        16 => is(name, b"x-forwarded-host"),
+        17 => is(name, b"x-forwarded-proto"),
+        _ => false,
+    }
+}
+
+/// The header fields of a request ferry's loop read, as the client wrote
+/// them. A request whose fields the proxy only passes on ([`ReqFields::plain`])
+/// goes upstream from these, with no header map built; anything that looks
+/// fields up by name (routing by host, a hash key, the access log, an HTTP/2
+/// upstream) first has them put in the request's map ([`ReqFields::fill`]).
+/// Names keep the client's case, as from nginx.
+#[derive(Debug)]
+pub(crate) struct ReqFields {
+    head: Bytes,
+    /// Where each field lies in `head`.
+    spans: Vec<Span>,
+    /// The first `Host` field's value (start, end).
+    host: Option<(u32, u32)>,
+    /// The target is in origin form and no field is one the proxy replaces
+    /// (`X-Forwarded-*`, `X-Real-IP`) or a `Connection` naming others: the
+    /// fields can go upstream as they are, less this hop's.
+    plain: bool,
+}
+
+impl ReqFields {
+    /// Whether the fields can be forwarded as they are (see [`ReqFields`]).
+    pub(crate) fn plain(&self) -> bool {
+        self.plain
+    }
+
+    /// The fields, name and value, in the order the client sent them.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.spans.iter().map(|s| {
+            (
+                &self.head[s[0] as usize..s[1] as usize],
+                &self.head[s[2] as usize..s[3] as usize],
+            )
+        })
+    }
+
+    /// The first `Host` field's value.
+    pub(crate) fn host(&self) -> Option<HeaderValue> {
+        let (a, b) = self.host?;
+        HeaderValue::from_maybe_shared(self.head.slice(a as usize..b as usize)).ok()
+    }
+
+    /// The first `Host` field's value as text, when it is visible ASCII (as
+    /// [`HeaderValue::to_str`] takes it).
+    pub(crate) fn host_str(&self) -> Option<&str> {
+        let (a, b) = self.host?;
+        let v = &self.head[a as usize..b as usize];
+        if !v.iter().all(|&c| (32..127).contains(&c) || c == b'\t') {
+            return None;
+        }
+        std::str::from_utf8(v).ok()
+    }
+
+    /// Put the fields in `map`. `false` when one is not a valid field after
+    /// all (httparse checks names and values as a header map does, so this
+    /// is not expected).
+    pub(crate) fn fill(self, map: &mut HeaderMap) -> bool {
+        map.reserve(self.spans.len());
+        for s in &self.spans {
+            let name = HeaderName::from_bytes(&self.head[s[0] as usize..s[1] as usize]);
+            let value =
+                HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize));
+            let (Ok(name), Ok(value)) = (name, value) else {
+                return false;
+            };
+            map.append(name, value);
+        }
+        true
+    }
 }
 
 /// How a response body is delimited on the wire.
@@ -786,7 +874,74 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{is, parse_length};
+    use super::{Take, is, parse_length, take_request};
+    use bytes::BytesMut;
+
+    /// The request and fields `take_request` makes of a head.
+    fn take(head: impl AsRef<[u8]>) -> (http::Request<crate::body::ClientBody>, super::ReqFields) {
+        let head = head.as_ref();
+        let mut buf = BytesMut::from(head);
+        match take_request(&mut buf) {
+            Take::Request(req, fields, _) => {
+                assert!(buf.is_empty());
+                (req, fields)
+            }
+            _ => panic!("not taken: {:?}", String::from_utf8_lossy(head)),
+        }
+    }
+
+    #[test]
+    fn fields_stay_as_written_until_a_map_is_asked_for() {
+        let (req, f) = take("GET /a?b HTTP/1.1\r\nHost: Ex.test:81\r\nX-A: 1\r\nx-a:2\r\n\r\n");
+        assert_eq!(req.uri(), "/a?b");
+        assert!(req.headers().is_empty());
+        assert!(f.plain());
+        assert_eq!(f.host_str(), Some("Ex.test:81"));
+        assert_eq!(
+            f.host().as_ref().map(|h| h.as_bytes()),
+            Some(&b"Ex.test:81"[..])
+        );
+        let fields: Vec<_> = f.iter().collect();
+        assert_eq!(
+            fields,
+            [
+                (&b"Host"[..], &b"Ex.test:81"[..]),
+                (b"X-A", b"1"),
+                (b"x-a", b"2")
+            ]
+        );
+        let mut map = http::HeaderMap::new();
+        assert!(f.fill(&mut map));
+        assert_eq!(map.len(), 3);
+        let a: Vec<_> = map.get_all("x-a").iter().collect();
+        assert_eq!(a, ["1", "2"]);
+    }
+
+    #[test]
+    fn fields_the_proxy_rewrites_are_not_passed_as_they_are() {
+        for head in [
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 192.0.2.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nx-real-ip: 192.0.2.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: https\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX-FORWARDED-HOST: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Secret\r\n\r\n",
+            "GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert!(!take(head).1.plain(), "{head:?}");
+        }
+        for head in [
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: Keep-Alive\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Forwarded: x\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+        ] {
+            assert!(take(head).1.plain(), "{head:?}");
+        }
+        // A Host of other than visible ASCII is no host to route by.
+        assert_eq!(
+            take(b"GET / HTTP/1.1\r\nHost: a\x80b\r\n\r\n").1.host_str(),
+            None
+        );
+    }
 
     #[test]
     fn names_but_for_case() {

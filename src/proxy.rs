@@ -24,6 +24,7 @@ use crate::body::{BoxError, ClientBody, ReadError, ReqBody, is_body_too_large};
 use crate::client::{self, Conn, ConnectError};
 use crate::config::UpstreamScheme;
 use crate::conn::ConnState;
+use crate::h1::ReqFields;
 use crate::metrics::Metrics;
 use crate::peer::{FailReason, InFlight, Peer, Tried, ms_at, now_ms};
 use crate::runtime::{Runtime, Upstream, reset_all_fails};
@@ -561,19 +562,50 @@ enum Step {
 
 impl Exchange {
     /// Count and time a request, route it, and prepare what goes upstream.
-    pub(crate) fn begin(ctx: &Arc<Ctx>, req: Request<ClientBody>) -> Exchange {
+    ///
+    /// `fields`: the request's header fields when they are not in its map yet
+    /// (ferry's HTTP/1.1 loop); they go there only if something here looks
+    /// them up by name.
+    pub(crate) fn begin(
+        ctx: &Arc<Ctx>,
+        mut req: Request<ClientBody>,
+        mut fields: Option<ReqFields>,
+    ) -> Exchange {
         // One look at the configuration serves the whole start.
         let rt = ctx.shared.runtime.load();
-        let (mut done, had_body, local) = begin(ctx, &req, &rt);
+        let local = may_answer_locally(ctx, &rt);
+        if local || ctx.shared.log.is_on() {
+            if let Some(f) = fields.take()
+                && !f.fill(req.headers_mut())
+            {
+                return Exchange::refused(ctx, &req);
+            }
+        }
+        let (mut done, had_body) = begin(ctx, &req);
         let step = if local {
             Step::Local(req)
         } else {
-            routed(ctx, &rt, req, &mut done)
+            routed(ctx, &rt, req, fields, &mut done)
         };
         Exchange {
             done,
             had_body,
             step,
+        }
+    }
+
+    /// A request whose fields do not go into a header map after all: 400.
+    #[cold]
+    fn refused(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> Exchange {
+        let (mut done, had_body) = begin(ctx, req);
+        done.note = Some("invalid header field");
+        Exchange {
+            done,
+            had_body,
+            step: Step::Ready(full(
+                StatusCode::BAD_REQUEST,
+                "400 Bad Request: invalid header field\n",
+            )),
         }
     }
 
@@ -586,7 +618,7 @@ impl Exchange {
             }
             if let Step::Local(req) = std::mem::replace(&mut self.step, Step::Taken) {
                 let rt = ctx.shared.runtime.load();
-                self.step = routed(ctx, &rt, req, &mut self.done);
+                self.step = routed(ctx, &rt, req, None, &mut self.done);
             }
         }
         match &mut self.step {
@@ -611,11 +643,35 @@ impl Exchange {
 
 /// The step for a request that goes to an upstream, or the answer that says
 /// why it does not.
-fn routed(ctx: &Arc<Ctx>, rt: &Runtime, req: Request<ClientBody>, done: &mut Done) -> Step {
-    match route(ctx, rt, &req, done) {
+fn routed(
+    ctx: &Arc<Ctx>,
+    rt: &Runtime,
+    mut req: Request<ClientBody>,
+    mut fields: Option<ReqFields>,
+    done: &mut Done,
+) -> Step {
+    match route(ctx, rt, &req, fields.as_ref(), done) {
         Err((status, text)) => Step::Ready(full(status, text)),
         Ok((up, body_limit)) => {
-            let out = prepare(ctx, &up, req, body_limit);
+            // A hash key, an HTTP/2 upstream and a request whose fields the
+            // proxy rewrites work on the header map.
+            let as_is = fields
+                .as_ref()
+                .is_some_and(|f| f.plain() && up.hash_key.is_none() && !up.cfg.scheme.is_h2());
+            if !as_is
+                && let Some(f) = fields.take()
+                && !f.fill(req.headers_mut())
+            {
+                done.note = Some("invalid header field");
+                return Step::Ready(full(
+                    StatusCode::BAD_REQUEST,
+                    "400 Bad Request: invalid header field\n",
+                ));
+            }
+            let out = match fields {
+                Some(f) => prepare_as_is(ctx, req, f),
+                None => prepare(ctx, &up, req, body_limit),
+            };
             Step::Forward(up, out)
         }
     }
@@ -626,17 +682,24 @@ pub fn handle(
     ctx: Arc<Ctx>,
     req: Request<ClientBody>,
 ) -> impl Future<Output = Result<Response<RespBody>, Infallible>> + Send {
-    let mut x = Exchange::begin(&ctx, req);
+    let mut x = Exchange::begin(&ctx, req, None);
     async move {
         let resp = x.answer(&ctx).await;
         Ok(x.end(&ctx, resp))
     }
 }
 
-/// The start of a request: counted, timed, and whether the listener may answer
-/// it itself ([`plain_listener_answer`]). Returns its [`Done`], whether it
-/// has a body, and that.
-fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>, rt: &Runtime) -> (Done, bool, bool) {
+/// Whether the listener may answer a request itself ([`plain_listener_answer`]).
+fn may_answer_locally(ctx: &Ctx, rt: &Runtime) -> bool {
+    ctx.scheme == "http" && {
+        let server = &rt.config.server;
+        server.redirect_https || server.acme_webroot.is_some()
+    }
+}
+
+/// The start of a request: counted and timed. Returns its [`Done`] and
+/// whether it has a body.
+fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> (Done, bool) {
     let start = Instant::now();
     let start_ms = ms_at(start);
     ctx.state.request_started(start_ms);
@@ -663,11 +726,7 @@ fn begin(ctx: &Arc<Ctx>, req: &Request<ClientBody>, rt: &Runtime) -> (Done, bool
         note: None,
     };
     let had_body = !req.body().is_end_stream();
-    let local = ctx.scheme == "http" && {
-        let server = &rt.config.server;
-        server.redirect_https || server.acme_webroot.is_some()
-    };
-    (done, had_body, local)
+    (done, had_body)
 }
 
 /// The answer of [`plain_listener_answer`], if any, noted in `done`.
@@ -690,9 +749,10 @@ fn route(
     ctx: &Ctx,
     rt: &Runtime,
     req: &Request<ClientBody>,
+    fields: Option<&ReqFields>,
     done: &mut Done,
 ) -> Result<(Arc<Upstream>, u64), (StatusCode, &'static str)> {
-    match check_request(req, rt) {
+    match check_request(req, fields, rt) {
         Err((status, text, note)) => {
             if status == StatusCode::NOT_FOUND {
                 ctx.shared.metrics.unrouted.fetch_add(1, Relaxed);
@@ -851,6 +911,7 @@ async fn acme_challenge(
 /// Reject what must not be forwarded; otherwise the upstream index.
 fn check_request(
     req: &Request<ClientBody>,
+    fields: Option<&ReqFields>,
     rt: &Runtime,
 ) -> Result<usize, (StatusCode, &'static str, &'static str)> {
     let h = req.headers();
@@ -882,10 +943,16 @@ fn check_request(
             "request body larger than client_max_body_size",
         ));
     }
-    // With one catch-all route, the Host is not even looked at.
+    // With one catch-all route, the Host is not even looked at. An
+    // absolute-form target names the host, else the Host field (from the
+    // fields not in the map yet, if they are not).
+    let host = || match (req.uri().host(), fields) {
+        (None, Some(f)) => strip_port(f.host_str().unwrap_or("")),
+        _ => request_host(req),
+    };
     rt.router
         .catch_all()
-        .or_else(|| rt.router.route(request_host(req), req.uri().path()))
+        .or_else(|| rt.router.route(host(), req.uri().path()))
         .ok_or((
             StatusCode::NOT_FOUND,
             "404 Not Found: no route\n",
@@ -1099,6 +1166,9 @@ pub(crate) struct Outbound {
     /// When the request body last moved (ms; 0 = not yet): only a body that
     /// streams has one.
     started: Option<Arc<AtomicU64>>,
+    /// The request's fields as the client wrote them, when they go upstream
+    /// from there rather than from its header map (see [`ReqFields`]).
+    fields: Option<ReqFields>,
 }
 
 /// Build what [`forward`] sends to `up` from a client request.
@@ -1124,6 +1194,28 @@ fn prepare(ctx: &Ctx, up: &Upstream, mut req: Request<ClientBody>, body_limit: u
         key,
         client_upgrade,
         started,
+        fields: None,
+    }
+}
+
+/// What [`forward`] sends for a request read by ferry's HTTP/1.1 loop whose
+/// fields go upstream as they are ([`ReqFields::plain`]): no body, no
+/// upgrade, an origin-form target, none of the fields the proxy sets.
+fn prepare_as_is(ctx: &Ctx, req: Request<ClientBody>, fields: ReqFields) -> Outbound {
+    let (parts, _) = req.into_parts();
+    let fwd = Forwarded {
+        for_chain: ctx.client_ip.clone(),
+        real_ip: ctx.client_ip.clone(),
+        proto: ctx.scheme,
+        host: fields.host(),
+    };
+    Outbound {
+        pending: Some(Request::from_parts(parts, ReqBody::Empty)),
+        fwd,
+        key: Vec::new(),
+        client_upgrade: None,
+        started: None,
+        fields: Some(fields),
     }
 }
 
@@ -1145,8 +1237,10 @@ pub(crate) async fn forward(
         fwd,
         client_upgrade,
         started,
+        fields,
         ..
     } = out;
+    let fields = fields.as_ref();
     let Some(req) = pending.as_mut() else {
         return full(StatusCode::BAD_GATEWAY, "502 Bad Gateway\n");
     };
@@ -1295,7 +1389,7 @@ pub(crate) async fn forward(
             progress: started.as_deref(),
             ticker: ctx.ticked.then_some(&ctx.read_deadline),
         };
-        let result = attempt(&peer, cfg, req, fwd, idempotent, &clock).await;
+        let result = attempt(&peer, cfg, req, fields, fwd, idempotent, &clock).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
         let answered = Instant::now();
         let took = answered.saturating_duration_since(t0);
@@ -1539,6 +1633,7 @@ async fn attempt(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
+    fields: Option<&ReqFields>,
     fwd: &Forwarded,
     idempotent: bool,
     clock: &Clock<'_>,
@@ -1563,7 +1658,7 @@ async fn attempt(
             }
         };
         let waited = {
-            let sent = upstream_h1::send(&mut conn, req, fwd);
+            let sent = upstream_h1::send(&mut conn, req, fields, fwd);
             tokio::pin!(sent);
             with_read_timeout(sent, cfg.read_timeout, clock).await
         };

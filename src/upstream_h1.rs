@@ -34,7 +34,7 @@ use crate::body::{BoxError, ReqBody};
 // The same limits as for request heads: at most 100 fields, 64 KiB (also the
 // longest chunk-size or trailer line).
 use crate::h1::{
-    MAX_HEADERS, Span, is, parse_length, put_chunk_size, put_header, record_spans,
+    MAX_HEADERS, ReqFields, Span, is, parse_length, put_chunk_size, put_header, record_spans,
     write_all_vectored,
 };
 use crate::peer::Peer;
@@ -454,14 +454,18 @@ enum State {
 /// streamed from `req` (which keeps its parts); a response that starts before
 /// the body is all sent stops the sending, as nginx does, and the connection
 /// is then not reused.
-pub async fn send(
+///
+/// `fields`: the request's header fields as the client wrote them, when they
+/// are not in its map (see [`ReqFields`]).
+pub(crate) async fn send(
     conn: &mut Conn,
     req: &mut Request<ReqBody>,
+    fields: Option<&ReqFields>,
     fwd: &Forwarded,
 ) -> Result<Head, SendError> {
     let is_head = req.method() == Method::HEAD;
     let mut out = Vec::with_capacity(512);
-    let chunked = encode_request(req, Some(fwd), &mut out);
+    let chunked = encode_request(req, fields, Some(fwd), &mut out);
     let io = &mut conn.io;
     let mut reuse = true;
     let mut buf = BytesMut::new();
@@ -497,7 +501,12 @@ pub async fn send(
 /// body's framing. Returns whether the body is sent chunked. `Content-Length`
 /// and `Transfer-Encoding` from the client are replaced by the framing of the
 /// body ferry sends.
-fn encode_request(req: &Request<ReqBody>, fwd: Option<&Forwarded>, out: &mut Vec<u8>) -> bool {
+fn encode_request(
+    req: &Request<ReqBody>,
+    fields: Option<&ReqFields>,
+    fwd: Option<&Forwarded>,
+    out: &mut Vec<u8>,
+) -> bool {
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -508,6 +517,15 @@ fn encode_request(req: &Request<ReqBody>, fwd: Option<&Forwarded>, out: &mut Vec
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut had_length = false;
+    if let Some(fields) = fields {
+        for (name, value) in fields.iter() {
+            if is(name, b"content-length") {
+                had_length = true;
+            } else if !is_hop_by_hop(name) {
+                put_header(out, name, value);
+            }
+        }
+    }
     for (name, value) in req.headers() {
         if name == http::header::CONTENT_LENGTH {
             had_length = true;
@@ -905,6 +923,21 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
         reuse,
         buf: BytesMut::new(),
     }))
+}
+
+/// Whether a field is said of one hop only (RFC 9110's, the legacy ones, and
+/// the framing): a request read as it was written leaves these out.
+fn is_hop_by_hop(name: &[u8]) -> bool {
+    match name.len() {
+        2 => is(name, b"te"),
+        7 => is(name, b"trailer"),
+        10 => is(name, b"connection") || is(name, b"keep-alive"),
+        16 => is(name, b"proxy-connection"),
+        17 => is(name, b"transfer-encoding"),
+        18 => is(name, b"proxy-authenticate"),
+        19 => is(name, b"proxy-authorization"),
+        _ => false,
+    }
 }
 
 /// Whether a response field is one the proxy strips from a header map of the
@@ -1322,7 +1355,7 @@ mod tests {
                 );
             }
             let mut out = Vec::new();
-            let chunked = encode_request(&req, None, &mut out);
+            let chunked = encode_request(&req, None, None, &mut out);
             (String::from_utf8(out).expect("text"), chunked)
         };
         let (get, chunked) = encode("GET", ReqBody::Empty, &[("host", "a")]);
@@ -1339,7 +1372,7 @@ mod tests {
             host: Some(HeaderValue::from_static("a")),
         };
         let mut out = Vec::new();
-        encode_request(&req, Some(&fwd), &mut out);
+        encode_request(&req, None, Some(&fwd), &mut out);
         assert_eq!(
             String::from_utf8_lossy(&out),
             "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\

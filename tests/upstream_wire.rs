@@ -24,6 +24,8 @@ enum Step {
     Drain,
     /// Close the connection (and report it).
     Close,
+    /// Answer 200 with the request head, as it came, for the body.
+    EchoHead,
 }
 
 fn send(b: &[u8]) -> Step {
@@ -81,7 +83,8 @@ fn serve(
             return;
         };
         let n = requests.fetch_add(1, SeqCst);
-        let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+        let raw = String::from_utf8_lossy(&buf[..end]).into_owned();
+        let head = raw.to_lowercase();
         buf.drain(..end);
         for step in script(n, &head) {
             match step {
@@ -95,6 +98,15 @@ fn serve(
                 Step::Drain => {
                     let mut sink = [0u8; 65536];
                     while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+                }
+                Step::EchoHead => {
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{raw}",
+                        raw.len()
+                    );
+                    if s.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
                 }
                 Step::Close => {
                     drop(s);
@@ -446,5 +458,49 @@ fn fields_pass_as_written_without_this_hops_own() {
         "{}",
         r.head
     );
+    assert_eq!(up.accepts(), 1);
+}
+
+#[test]
+fn request_fields_go_upstream_as_written_without_this_hops_own() {
+    let up = Scripted::start(|_, _| vec![Step::EchoHead]);
+    let f = ferry_for(&up);
+    let mut c = RawConn::connect(f.addr);
+    // Read by ferry's own loop and passed on from where it lies: name case and
+    // order kept, this hop's fields left behind, ferry's own added.
+    c.send(
+        b"GET /p?q=1 HTTP/1.1\r\nHost: Ferry.Test:8080\r\nX-Mixed-Case: a\r\n\
+          Connection: keep-alive\r\nKeep-Alive: 300\r\nProxy-Connection: keep-alive\r\n\
+          Proxy-Authorization: Basic eA==\r\nTrailer: X-C\r\nContent-Length: 0\r\n\
+          Cookie: a=1\r\nAccept: */*\r\nCookie: b=2\r\n\r\n",
+    );
+    let r = c.read_response(false);
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert_eq!(
+        r.text(),
+        "GET /p?q=1 HTTP/1.1\r\nHost: Ferry.Test:8080\r\nX-Mixed-Case: a\r\n\
+         Cookie: a=1\r\nAccept: */*\r\nCookie: b=2\r\n\
+         x-forwarded-for: 127.0.0.1\r\nx-real-ip: 127.0.0.1\r\n\
+         x-forwarded-proto: http\r\nx-forwarded-host: Ferry.Test:8080\r\n\
+         content-length: 0\r\n\r\n"
+    );
+    // Fields the proxy rewrites (an incoming X-Forwarded-For, a Connection
+    // naming another field) go through the header map: the chain is extended
+    // and the named field dropped.
+    c.send(
+        b"GET /q HTTP/1.1\r\nHost: ferry.test\r\nX-Forwarded-For: 192.0.2.7\r\n\
+          Connection: X-Drop\r\nX-Drop: 1\r\nX-Keep: 2\r\n\r\n",
+    );
+    let r = c.read_response(false);
+    assert_eq!(r.status, 200, "{}", r.head);
+    let echo = r.text().to_ascii_lowercase();
+    assert!(echo.starts_with("get /q http/1.1\r\n"), "{echo}");
+    assert!(
+        echo.contains("\r\nx-forwarded-for: 192.0.2.7, 127.0.0.1\r\n"),
+        "{echo}"
+    );
+    assert!(echo.contains("\r\nx-keep: 2\r\n"), "{echo}");
+    assert!(!echo.contains("x-drop"), "{echo}");
+    assert!(!echo.contains("\r\nconnection:"), "{echo}");
     assert_eq!(up.accepts(), 1);
 }
