@@ -18,6 +18,8 @@ of its process tree), each as a ratio to nginx measured in the same rounds.
              two clients): handshakes/s and the proxy's CPU time per handshake.
 
 Needs nginx and wrk (apt-get install -y nginx haproxy wrk); HAProxy when installed.
+Without --ferry it runs target/release/ferry and, when benches/pgo.sh has built it,
+the profile-guided target/pgo/release/ferry as `ferry-pgo`.
 
 Usage (from the repository root, after cargo build --release):
   python3 benches/compare.py --rounds 5
@@ -279,8 +281,13 @@ def main():
     a = ap.parse_args()
     global PORT
     d = tempfile.mkdtemp(prefix="ferry-bench-")
+    # By default ferry as `cargo build --release` builds it, and as benches/pgo.sh
+    # builds it (profile-guided) when that build is there.
+    builds = [("ferry", f"{ROOT}/target/release/ferry")]
+    if os.path.exists(f"{ROOT}/target/pgo/release/ferry"):
+        builds.append(("ferry-pgo", f"{ROOT}/target/pgo/release/ferry"))
     ferries = [f.split("=", 1) for f in a.ferry] or [
-        ["ferry", f"{ROOT}/target/release/ferry --config {ROOT}/benches/ferry-bench.toml"]]
+        [name, f"{binary} --config {ROOT}/benches/ferry-bench.toml"] for name, binary in builds]
     configs = [("backend.conf", BACKEND.format(d=d)), ("nginx.conf", NGINX.format(d=d)), ("haproxy.cfg", HAPROXY)]
     if a.tls:
         PORT = 8443
@@ -289,7 +296,7 @@ def main():
         configs = [("backend.conf", BACKEND.format(d=d)), ("nginx.conf", nginx), ("haproxy.cfg", haproxy),
                    ("ferry.toml", ferry)]
         if not a.ferry:
-            ferries = [["ferry", f"{ROOT}/target/release/ferry --config {d}/ferry.toml"]]
+            ferries = [[name, f"{binary} --config {d}/ferry.toml"] for name, binary in builds]
     for name, text in configs:
         open(f"{d}/{name}", "w").write(text)
     busy = [p for p in (PORT, 9001, 9002, 9003) if port_busy(p)]
