@@ -148,9 +148,10 @@ pub fn checkout(peer: &Peer, now: Instant) -> Option<Conn> {
     })
 }
 
-/// Give a connection back after its response ended. It is closed instead when the
-/// peer already has `max_idle` idle connections or keep-alive is off.
-pub fn checkin(peer: &Arc<Peer>, conn: Conn, max_idle: usize, timeout: Duration) {
+/// Give a connection back after its response ended (`now`: a clock reading
+/// taken then). It is closed instead when the peer already has `max_idle` idle
+/// connections or keep-alive is off.
+pub fn checkin(peer: &Arc<Peer>, conn: Conn, max_idle: usize, timeout: Duration, now: Instant) {
     if max_idle == 0 || timeout.is_zero() {
         return;
     }
@@ -162,7 +163,7 @@ pub fn checkin(peer: &Arc<Peer>, conn: Conn, max_idle: usize, timeout: Duration)
         let mut pool = pool.borrow_mut();
         pool.idle.entry(peer.id).or_default().push(Idle {
             conn,
-            since: Instant::now(),
+            since: now,
             peer: Arc::clone(peer),
             timeout,
         });

@@ -549,6 +549,9 @@ pub(crate) struct Exchange {
 }
 
 /// What is left to do for a request.
+// Held in place in its `Exchange` for the request's life, not moved about:
+// boxing the large variant would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Step {
     /// A plain listener may answer it itself (ACME, redirect to https).
     Local(Request<ClientBody>),
@@ -574,12 +577,11 @@ impl Exchange {
         // One look at the configuration serves the whole start.
         let rt = ctx.shared.runtime.load();
         let local = may_answer_locally(ctx, &rt);
-        if local || ctx.shared.log.is_on() {
-            if let Some(f) = fields.take()
-                && !f.fill(req.headers_mut())
-            {
-                return Exchange::refused(ctx, &req);
-            }
+        if (local || ctx.shared.log.is_on())
+            && let Some(f) = fields.take()
+            && !f.fill(req.headers_mut())
+        {
+            return Exchange::refused(ctx, &req);
         }
         let (mut done, had_body) = begin(ctx, &req);
         let step = if local {
@@ -1389,9 +1391,11 @@ pub(crate) async fn forward(
             progress: started.as_deref(),
             ticker: ctx.ticked.then_some(&ctx.read_deadline),
         };
-        let result = attempt(&peer, cfg, req, fields, fwd, idempotent, &clock).await;
+        let mut head_at = None;
+        let with = With { fields, fwd };
+        let result = attempt(&peer, cfg, req, with, idempotent, &clock, &mut head_at).await;
         let resendable = template.is_some() || (keeps && req.body().replayable());
-        let answered = Instant::now();
+        let answered = head_at.unwrap_or_else(Instant::now);
         let took = answered.saturating_duration_since(t0);
         // `ms_at(answered)`, to the millisecond.
         let now = t0_ms + took.as_millis() as u64;
@@ -1618,6 +1622,16 @@ fn held_out_by_max_conns_only(p: &Peer) -> bool {
         && !p.is_failed(now_ms())
 }
 
+/// What goes upstream with a request besides its header map.
+#[derive(Clone, Copy)]
+struct With<'a> {
+    /// The fields as the client wrote them, when they are not in the map
+    /// (see [`ReqFields`]).
+    fields: Option<&'a ReqFields>,
+    /// ferry's own fields (`X-Forwarded-*`, `X-Real-IP`).
+    fwd: &'a Forwarded,
+}
+
 /// A reused connection that sat idle this long and then failed before any
 /// response byte was most likely closed by the peer for idleness just as the
 /// request went out: the peer never read the request, so even a POST (whose body
@@ -1633,11 +1647,12 @@ async fn attempt(
     peer: &Arc<Peer>,
     cfg: &crate::config::UpstreamConfig,
     req: &mut Request<ReqBody>,
-    fields: Option<&ReqFields>,
-    fwd: &Forwarded,
+    with: With<'_>,
     idempotent: bool,
     clock: &Clock<'_>,
+    head_at: &mut Option<Instant>,
 ) -> Result<Response<UpBody>, AttemptError> {
+    let With { fields, fwd } = with;
     if cfg.scheme.is_h2() {
         // Boxed: inline, its state would grow this future, which HTTP/1.1
         // requests move around too.
@@ -1670,7 +1685,11 @@ async fn attempt(
                     max_idle: cfg.keepalive,
                     timeout: cfg.keepalive_timeout,
                 };
-                return Ok(head.into_response(conn, Some(home)).map(UpBody::H1));
+                // One clock reading for the response time and, when the
+                // response came whole with its head, the connection's return.
+                let now = Instant::now();
+                *head_at = Some(now);
+                return Ok(head.into_response(conn, Some(home), now).map(UpBody::H1));
             }
             Some(Err(e)) => e,
         };

@@ -27,6 +27,7 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_util::io::poll_read_buf;
 
@@ -412,8 +413,8 @@ impl Head {
     }
 
     /// The response, its body reading from `conn`, which goes back to `home`
-    /// once the body has been read to its end.
-    pub fn into_response(self, conn: Conn, home: Option<Home>) -> Response<H1Body> {
+    /// once the body has been read to its end. `now`: when the head was read.
+    pub fn into_response(self, conn: Conn, home: Option<Home>, now: Instant) -> Response<H1Body> {
         let mut body = H1Body {
             fields: self.fields,
             conn: Some(conn),
@@ -425,7 +426,7 @@ impl Head {
         // After `101` the connection carries another protocol: it stays with
         // the body, for `into_upgraded`.
         if body.state == State::Done && self.parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            body.finish();
+            body.finish(now);
         }
         Response::from_parts(self.parts, body)
     }
@@ -1001,13 +1002,14 @@ impl H1Body {
 
     /// The body was read to its end: the connection goes home when it can
     /// carry another request.
-    fn finish(&mut self) {
+    /// The body was read to its end (`now`: a clock reading taken then).
+    fn finish(&mut self, now: Instant) {
         self.state = State::Done;
         let conn = self.conn.take();
         if let (Some(conn), Some(home), true) = (conn, self.home.take(), self.reuse)
             && self.buf.is_empty()
         {
-            crate::client::checkin(&home.peer, conn, home.max_idle, home.timeout);
+            crate::client::checkin(&home.peer, conn, home.max_idle, home.timeout, now);
         }
         self.buf = BytesMut::new();
     }
@@ -1079,14 +1081,14 @@ impl Body for H1Body {
             match this.state {
                 State::Done => return Poll::Ready(None),
                 State::Length(0) => {
-                    this.finish();
+                    this.finish(Instant::now());
                     return Poll::Ready(None);
                 }
                 State::Length(left) | State::ChunkData(left) if !this.buf.is_empty() => {
                     let data = this.take(left);
                     let rest = left - data.len() as u64;
                     match (this.state, rest) {
-                        (State::Length(_), 0) => this.finish(),
+                        (State::Length(_), 0) => this.finish(Instant::now()),
                         (State::Length(_), _) => this.state = State::Length(rest),
                         (_, 0) => this.state = State::ChunkEnd,
                         _ => this.state = State::ChunkData(rest),
@@ -1125,7 +1127,7 @@ impl Body for H1Body {
                 },
                 State::Trailers if !this.buf.is_empty() => match this.line()? {
                     Some(line) if line.is_empty() => {
-                        this.finish();
+                        this.finish(Instant::now());
                         return Poll::Ready(None);
                     }
                     // Trailer fields are not forwarded.
