@@ -412,7 +412,8 @@ fn take_request(buf: &mut BytesMut) -> Take {
             close,
         ),
         None => {
-            // Not one for this loop after all (a target http refuses): give the bytes back for hyper to answer.
+            // Not one for this loop after all (a target http refuses): give
+            // the bytes back for hyper to answer.
             let mut all = BytesMut::with_capacity(head.len() + buf.len());
             all.extend_from_slice(&head);
             all.extend_from_slice(buf);
@@ -448,8 +449,9 @@ fn is_forwarding_field(name: &[u8]) -> bool {
 /// The header fields of a request ferry's loop read, as the client wrote
 /// them. A request whose fields the proxy only passes on ([`ReqFields::plain`])
 /// goes upstream from these, with no header map built; anything that looks
-/// fields up by name (routing by host, a hash key, the access log, an HTTP/2
-/// upstream) first has them put in the request's map ([`ReqFields::fill`]).
+/// fields up by name (a hash key, the access log, an HTTP/2 upstream, the
+/// listener's own answers) first has them put in the request's map
+/// ([`ReqFields::fill`]). Routing by host reads the `Host` field from here.
 /// Names keep the client's case, as from nginx.
 #[derive(Debug)]
 pub(crate) struct ReqFields {
