@@ -313,6 +313,24 @@ enum Take {
 /// value start, value end.
 pub(crate) type Span = [u32; 4];
 
+/// A field's name and value, where `s` says they lie in `head`.
+pub(crate) fn field_at<'h>(head: &'h [u8], s: &Span) -> (&'h [u8], &'h [u8]) {
+    (
+        &head[s[0] as usize..s[1] as usize],
+        &head[s[2] as usize..s[3] as usize],
+    )
+}
+
+/// The field at `s` in `head` as a header map takes it, its value sharing the
+/// head's memory. `Err` says which part a map refuses.
+pub(crate) fn header_at(head: &Bytes, s: &Span) -> Result<(HeaderName, HeaderValue), &'static str> {
+    let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
+        .map_err(|_| "invalid header name")?;
+    let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
+        .map_err(|_| "invalid header value")?;
+    Ok((name, value))
+}
+
 /// Record where each parsed header's name and value lie in the head that
 /// starts at `base`, so the head can be frozen and the fields taken from it
 /// without copies.
@@ -369,8 +387,7 @@ fn take_request(buf: &mut BytesMut) -> Take {
     let mut plain = buf.get(target.0 as usize) == Some(&b'/');
     let mut host = None;
     for s in &spans[..n] {
-        let name = &buf[s[0] as usize..s[1] as usize];
-        let value = &buf[s[2] as usize..s[3] as usize];
+        let (name, value) = field_at(buf, s);
         if is(name, b"content-length") {
             if value != b"0" {
                 return Take::Other;
@@ -474,12 +491,7 @@ impl ReqFields {
 
     /// The fields, name and value, in the order the client sent them.
     pub(crate) fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans.iter().map(|s| {
-            (
-                &self.head[s[0] as usize..s[1] as usize],
-                &self.head[s[2] as usize..s[3] as usize],
-            )
-        })
+        self.spans.iter().map(|s| field_at(&self.head, s))
     }
 
     /// The first `Host` field's value.
@@ -505,10 +517,7 @@ impl ReqFields {
     pub(crate) fn fill(self, map: &mut HeaderMap) -> bool {
         map.reserve(self.spans.len());
         for s in &self.spans {
-            let name = HeaderName::from_bytes(&self.head[s[0] as usize..s[1] as usize]);
-            let value =
-                HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize));
-            let (Ok(name), Ok(value)) = (name, value) else {
+            let Ok((name, value)) = header_at(&self.head, s) else {
                 return false;
             };
             map.append(name, value);

@@ -35,8 +35,8 @@ use crate::body::{BoxError, ReqBody};
 // The same limits as for request heads: at most 100 fields, 64 KiB (also the
 // longest chunk-size or trailer line).
 use crate::h1::{
-    MAX_HEADERS, ReqFields, Span, is, parse_length, put_chunk_size, put_header, record_spans,
-    write_all_vectored,
+    MAX_HEADERS, ReqFields, Span, field_at, header_at, is, parse_length, put_chunk_size,
+    put_header, record_spans, write_all_vectored,
 };
 use crate::peer::Peer;
 use crate::server::MAX_HEAD;
@@ -362,12 +362,9 @@ impl RawFields {
 
     /// The fields, name and value, in the order the upstream sent them.
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.spans[..self.fields as usize].iter().map(|s| {
-            (
-                &self.head[s[0] as usize..s[1] as usize],
-                &self.head[s[2] as usize..s[3] as usize],
-            )
-        })
+        self.spans[..self.fields as usize]
+            .iter()
+            .map(|s| field_at(&self.head, s))
     }
 
     /// The fields in a header map. Each was checked when the head was
@@ -376,10 +373,7 @@ impl RawFields {
         let fields = &self.spans[..self.fields as usize];
         let mut map = HeaderMap::with_capacity(fields.len());
         for s in fields {
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(&self.head[s[0] as usize..s[1] as usize]),
-                HeaderValue::from_maybe_shared(self.head.slice(s[2] as usize..s[3] as usize)),
-            ) {
+            if let Ok((name, value)) = header_at(&self.head, s) {
                 map.append(name, value);
             }
         }
@@ -779,8 +773,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     let (mut close, mut keep_alive) = (false, false);
     for i in 0..spans.len() {
         let s = &spans[i];
-        let name = &head[s[0] as usize..s[1] as usize];
-        let value = &head[s[2] as usize..s[3] as usize];
+        let (name, value) = field_at(&head, s);
         if is(name, b"content-length") {
             for v in value.split(|&b| b == b',') {
                 let v = parse_length(v.trim_ascii())
@@ -869,10 +862,7 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
     } else {
         let mut headers = HeaderMap::with_capacity(kept);
         for s in &spans[..kept] {
-            let name = HeaderName::from_bytes(&head[s[0] as usize..s[1] as usize])
-                .map_err(|_| SendError::Invalid("invalid header name".into()))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(s[2] as usize..s[3] as usize))
-                .map_err(|_| SendError::Invalid("invalid header value".into()))?;
+            let (name, value) = header_at(&head, s).map_err(|e| SendError::Invalid(e.into()))?;
             headers.append(name, value);
         }
         (Some(headers), None)
