@@ -419,8 +419,19 @@ impl Head {
         };
         // After `101` the connection carries another protocol: it stays with
         // the body, for `into_upgraded`.
-        if body.state == State::Done && self.parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            body.finish(now);
+        if self.parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            match body.state {
+                State::Done => body.finish(|| now),
+                // The whole body came with the head: the connection goes back
+                // now, and the body is served from what was read.
+                State::Length(n) if n == body.buf.len() as u64 => {
+                    let data = std::mem::take(&mut body.buf);
+                    body.finish(|| now);
+                    body.buf = data;
+                    body.state = State::Length(n);
+                }
+                _ => {}
+            }
         }
         Response::from_parts(self.parts, body)
     }
@@ -991,15 +1002,15 @@ impl H1Body {
     }
 
     /// The body was read to its end: the connection goes home when it can
-    /// carry another request.
-    /// The body was read to its end (`now`: a clock reading taken then).
-    fn finish(&mut self, now: Instant) {
+    /// carry another request (`now` reads the clock for its return, only
+    /// then). Once gone, the connection stays gone.
+    fn finish(&mut self, now: impl FnOnce() -> Instant) {
         self.state = State::Done;
         let conn = self.conn.take();
         if let (Some(conn), Some(home), true) = (conn, self.home.take(), self.reuse)
             && self.buf.is_empty()
         {
-            crate::client::checkin(&home.peer, conn, home.max_idle, home.timeout, now);
+            crate::client::checkin(&home.peer, conn, home.max_idle, home.timeout, now());
         }
         self.buf = BytesMut::new();
     }
@@ -1071,14 +1082,14 @@ impl Body for H1Body {
             match this.state {
                 State::Done => return Poll::Ready(None),
                 State::Length(0) => {
-                    this.finish(Instant::now());
+                    this.finish(Instant::now);
                     return Poll::Ready(None);
                 }
                 State::Length(left) | State::ChunkData(left) if !this.buf.is_empty() => {
                     let data = this.take(left);
                     let rest = left - data.len() as u64;
                     match (this.state, rest) {
-                        (State::Length(_), 0) => this.finish(Instant::now()),
+                        (State::Length(_), 0) => this.finish(Instant::now),
                         (State::Length(_), _) => this.state = State::Length(rest),
                         (_, 0) => this.state = State::ChunkEnd,
                         _ => this.state = State::ChunkData(rest),
@@ -1117,7 +1128,7 @@ impl Body for H1Body {
                 },
                 State::Trailers if !this.buf.is_empty() => match this.line()? {
                     Some(line) if line.is_empty() => {
-                        this.finish(Instant::now());
+                        this.finish(Instant::now);
                         return Poll::Ready(None);
                     }
                     // Trailer fields are not forwarded.
@@ -1168,7 +1179,12 @@ mod tests {
 
     fn parse(raw: &[u8], is_head: bool) -> Result<Option<Head>, SendError> {
         let mut buf = BytesMut::from(raw);
-        parse_head(&mut buf, is_head)
+        let mut head = parse_head(&mut buf, is_head)?;
+        // As `send` does: what follows the head stays with it.
+        if let Some(h) = head.as_mut() {
+            h.buf = buf;
+        }
+        Ok(head)
     }
 
     fn state_of(raw: &[u8]) -> (State, bool) {
@@ -1378,5 +1394,83 @@ mod tests {
             &[("content-length", "3"), ("transfer-encoding", "chunked")],
         );
         assert_eq!(put, "PUT /p?q=1 HTTP/1.1\r\ncontent-length: 3\r\n\r\n");
+    }
+
+    /// A connection to `peer` over real loopback sockets, and the far end.
+    async fn conn_pair() -> (Conn, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let near = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (far, _) = l.accept().await.expect("accept");
+        (Conn::new(UpIo::Plain(near)), far)
+    }
+
+    fn home(peer: &Arc<Peer>) -> Home {
+        Home {
+            peer: Arc::clone(peer),
+            max_idle: 4,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    async fn body_of(mut b: H1Body) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(f) = poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
+            out.extend_from_slice(&f.expect("frame").into_data().expect("data"));
+        }
+        assert!(b.is_end_stream());
+        out
+    }
+
+    #[tokio::test]
+    async fn a_body_read_whole_with_its_head_frees_the_connection_at_once() {
+        let peer = Arc::new(Peer::new(
+            "127.0.0.1:1".parse().expect("addr"),
+            crate::peer::PeerParams {
+                name: "p".into(),
+                weight: 1,
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(10),
+                max_conns: 0,
+                backup: false,
+                down: false,
+                slow_start: Duration::ZERO,
+            },
+        ));
+        let idle = || peer.idle_conns.load(std::sync::atomic::Ordering::Relaxed);
+
+        // Head and whole body in one read: the connection goes back before
+        // the body is served, and the body is still all there.
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", false)
+            .expect("parses")
+            .expect("complete");
+        let (conn, _far) = conn_pair().await;
+        let resp = head.into_response(conn, Some(home(&peer)), Instant::now());
+        assert_eq!(idle(), 1, "pooled as soon as the head is taken");
+        assert_eq!(body_of(resp.into_body()).await, b"hello");
+        assert_eq!(idle(), 1, "pooled once, not twice");
+
+        // Part of the body: the connection stays with it until the rest is read.
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello", false)
+            .expect("parses")
+            .expect("complete");
+        let (conn, mut far) = conn_pair().await;
+        let resp = head.into_response(conn, Some(home(&peer)), Instant::now());
+        assert_eq!(idle(), 1, "the first connection only");
+        far.write_all(b"world").await.expect("write");
+        assert_eq!(body_of(resp.into_body()).await, b"helloworld");
+        assert_eq!(idle(), 2, "pooled when the body ended");
+
+        // More than the body: the peer is out of step, the connection closes.
+        let head = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhello", false)
+            .expect("parses")
+            .expect("complete");
+        let (conn, _far) = conn_pair().await;
+        let resp = head.into_response(conn, Some(home(&peer)), Instant::now());
+        assert_eq!(body_of(resp.into_body()).await, b"he");
+        assert_eq!(idle(), 2, "not pooled");
     }
 }
