@@ -193,16 +193,18 @@ fn serve_one<'a, I: AsyncWrite + Unpin>(
     let mut x = Exchange::begin(ctx, req, Some(fields));
     async move {
         let resp = x.answer(ctx).await;
-        let resp = x.end(ctx, resp);
+        // The response stays where it is made; its head is written from there.
+        let mut resp = x.end(ctx, resp);
         close |= *stop.borrow();
-        let (out, mut body, framing) = encode_response(resp, is_head, &mut close);
+        let (out, framing) = encode_response(&resp, is_head, &mut close);
         match framing {
             Framing::None => {
                 io.write_all(&out).await?;
-                drop(body);
+                drop(resp);
             }
             Framing::Length | Framing::Chunked => {
-                send_body(io, &mut body, out, framing == Framing::Chunked).await?;
+                let chunked = framing == Framing::Chunked;
+                send_body(io, resp.body_mut(), out, chunked).await?;
             }
         }
         io.flush().await?;
@@ -537,25 +539,24 @@ enum Framing {
     Chunked,
 }
 
-/// Encode a response's head for the wire, and give it with the body and how
-/// the body is delimited. `close` comes in as whether the connection closes
-/// after it, and is set when the response says so.
+/// Encode a response's head for the wire, and say how the body is
+/// delimited. `close` comes in as whether the connection closes after it, and
+/// is set when the response says so.
 fn encode_response(
-    resp: Response<RespBody>,
+    resp: &Response<RespBody>,
     is_head: bool,
     close: &mut bool,
-) -> (Vec<u8>, RespBody, Framing) {
-    let (parts, body) = resp.into_parts();
-    if parts
-        .headers
+) -> (Vec<u8>, Framing) {
+    if resp
+        .headers()
         .get(header::CONNECTION)
         .is_some_and(|v| has_token(v.as_bytes(), b"close"))
     {
         *close = true;
     }
     let mut out = Vec::with_capacity(512);
-    let framing = encode_head(&parts, &body, is_head, *close, &mut out);
-    (out, body, framing)
+    let framing = encode_head(resp, is_head, *close, &mut out);
+    (out, framing)
 }
 
 /// Whether a comma-separated header value lists `token`.
@@ -568,17 +569,17 @@ fn has_token(value: &[u8], token: &[u8]) -> bool {
 /// Write the status line and headers into `out`, adding the framing header,
 /// `Date` when missing, and `Connection: close` when closing.
 fn encode_head(
-    parts: &http::response::Parts,
-    body: &RespBody,
+    resp: &Response<RespBody>,
     is_head: bool,
     close: bool,
     out: &mut Vec<u8>,
 ) -> Framing {
-    let status = parts.status;
+    let body = resp.body();
+    let status = resp.status();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    match parts.extensions.get::<hyper::ext::ReasonPhrase>() {
+    match resp.extensions().get::<hyper::ext::ReasonPhrase>() {
         Some(r) => out.extend_from_slice(r.as_bytes()),
         None => out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
     }
@@ -602,7 +603,7 @@ fn encode_head(
             }
         }
         None => {
-            for (name, value) in &parts.headers {
+            for (name, value) in resp.headers() {
                 seen.put(out, name.as_str().as_bytes(), value.as_bytes());
             }
         }
