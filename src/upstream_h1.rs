@@ -1429,16 +1429,7 @@ mod tests {
     async fn a_body_read_whole_with_its_head_frees_the_connection_at_once() {
         let peer = Arc::new(Peer::new(
             "127.0.0.1:1".parse().expect("addr"),
-            crate::peer::PeerParams {
-                name: "p".into(),
-                weight: 1,
-                max_fails: 1,
-                fail_timeout: Duration::from_secs(10),
-                max_conns: 0,
-                backup: false,
-                down: false,
-                slow_start: Duration::ZERO,
-            },
+            crate::balance::testutil::params("p", 1),
         ));
         let idle = || peer.idle_conns.load(std::sync::atomic::Ordering::Relaxed);
 
