@@ -596,18 +596,15 @@ impl Exchange {
         }
     }
 
-    /// A request whose fields do not go into a header map after all: 400.
+    /// A request whose fields do not go into a header map after all.
     #[cold]
     fn refused(ctx: &Arc<Ctx>, req: &Request<ClientBody>) -> Exchange {
         let (mut done, had_body) = begin(ctx, req);
-        done.note = Some("invalid header field");
+        let step = invalid_fields(&mut done);
         Exchange {
             done,
             had_body,
-            step: Step::Ready(full(
-                StatusCode::BAD_REQUEST,
-                "400 Bad Request: invalid header field\n",
-            )),
+            step,
         }
     }
 
@@ -664,11 +661,7 @@ fn routed(
                 && let Some(f) = fields.take()
                 && !f.fill(req.headers_mut())
             {
-                done.note = Some("invalid header field");
-                return Step::Ready(full(
-                    StatusCode::BAD_REQUEST,
-                    "400 Bad Request: invalid header field\n",
-                ));
+                return invalid_fields(done);
             }
             let out = match fields {
                 Some(f) => prepare_as_is(ctx, req, f),
@@ -677,6 +670,17 @@ fn routed(
             Step::Forward(up, out)
         }
     }
+}
+
+/// The answer to a request whose fields do not go into a header map after
+/// all (httparse let through what a map refuses): 400.
+#[cold]
+fn invalid_fields(done: &mut Done) -> Step {
+    done.note = Some("invalid header field");
+    Step::Ready(full(
+        StatusCode::BAD_REQUEST,
+        "400 Bad Request: invalid header field\n",
+    ))
 }
 
 /// Serve one client request.
@@ -1947,6 +1951,24 @@ mod tests {
         );
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn hop_by_hop_fields_are_the_same_for_maps_and_raw_fields() {
+        for n in &HOP_BY_HOP {
+            assert!(
+                crate::upstream_h1::is_hop_by_hop(n.as_str().as_bytes()),
+                "{n}"
+            );
+            let upper = n.as_str().to_ascii_uppercase();
+            assert!(
+                crate::upstream_h1::is_hop_by_hop(upper.as_bytes()),
+                "{upper}"
+            );
+        }
+        for n in ["upgrade", "host", "x-te", "trailers", "connections", ""] {
+            assert!(!crate::upstream_h1::is_hop_by_hop(n.as_bytes()), "{n}");
+        }
     }
 
     #[test]

@@ -928,8 +928,9 @@ fn parse_head(buf: &mut BytesMut, is_head: bool) -> Result<Option<Head>, SendErr
 }
 
 /// Whether a field is said of one hop only (RFC 9110's, the legacy ones, and
-/// the framing): a request read as it was written leaves these out.
-fn is_hop_by_hop(name: &[u8]) -> bool {
+/// the framing): a request read as it was written leaves these out. The same
+/// names as `proxy::HOP_BY_HOP`, which strips them from a header map.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
     match name.len() {
         2 => is(name, b"te"),
         7 => is(name, b"trailer"),
