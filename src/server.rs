@@ -9,7 +9,8 @@
 //! swaps the [`Runtime`] (requests in flight keep the one they started with) and
 //! moves listeners: it binds new addresses itself, hands each worker its socket
 //! over a command channel, and tells the workers to close the sockets of removed
-//! addresses, whose open connections carry on to their end.
+//! addresses, whose open connections carry on to their end. With one worker
+//! there is no second thread: the worker runs on the control thread's runtime.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -291,6 +292,11 @@ pub fn run(
     let limit = Arc::new(Semaphore::new(cfg.server.max_connections.max(1)));
     let (stop_tx, stop_rx) = watch::channel(false);
 
+    // With one worker, the worker runs on this thread, beside the control
+    // tasks, as one nginx worker process does: a single-threaded process
+    // makes every socket call cheaper (the kernel takes no reference on the
+    // file when the file table is not shared) and needs one event loop, not two.
+    let mut inline = (workers == 1).then(|| cmd_rx.pop()).flatten();
     let mut threads = Vec::new();
     for (w, cmds) in cmd_rx.into_iter().enumerate() {
         let shared = Arc::clone(&shared);
@@ -320,6 +326,15 @@ pub fn run(
     }
 
     control.block_on(async {
+        let local = inline.take().map(|cmds| {
+            tokio::spawn(worker(
+                0,
+                cmds,
+                Arc::clone(&shared),
+                stop_rx.clone(),
+                Arc::clone(&limit),
+            ))
+        });
         let (reload_tx, reload_rx) = mpsc::channel(8);
         if let Some(l) = admin {
             match TcpListener::from_std(l) {
@@ -352,7 +367,12 @@ pub fn run(
         control.wait_for_stop(stop, reload_rx, resolved).await;
         tracing::info!("shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
+        if let Some(local) = local {
+            let _ = local.await;
+        }
     });
+    // Connections cut at shutdown log their lines as the runtime drops them.
+    drop(control);
     for t in threads {
         let _ = t.join();
     }
@@ -443,15 +463,21 @@ impl Control {
             tracing::error!(error = %e, "reload failed; the running configuration is unchanged");
             Err(e)
         };
-        let mut new = match Config::load(&self.path) {
-            Ok(c) => c,
-            Err(e) => return fail(e.to_string()),
+        // Reading the files and resolving names without `resolve = true`
+        // block, so they run off this thread: with one worker, it is also the
+        // thread that proxies. New certificates are read now; a file that
+        // cannot be used keeps the old ones (and the whole old configuration).
+        let path = self.path.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut new = Config::load(&path).map_err(|e| e.to_string())?;
+            crate::tls::load(&mut new).map_err(|e| e.to_string())?;
+            Ok::<Config, String>(new)
+        });
+        let new = match read.await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return fail(e),
+            Err(e) => return fail(format!("reading the configuration failed: {e}")),
         };
-        // New certificates are read now; a file that cannot be used keeps the
-        // old ones (and the whole old configuration).
-        if let Err(e) = crate::tls::load(&mut new) {
-            return fail(e.to_string());
-        }
         let plan = match self.listeners.plan(&wanted(&new)) {
             Ok(p) => p,
             Err(e) => return fail(e),

@@ -313,3 +313,44 @@ fn listeners_are_added_and_removed_without_a_restart() {
     let doc = status(&f);
     assert_eq!(doc["listeners"], serde_json::json!([second.to_string()]));
 }
+
+/// Threads of process `pid`.
+fn threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn with_one_worker_a_reload_stuck_on_its_file_does_not_stall_proxying() {
+    let b = Backends::start(1);
+    let cfg = config("", &b.servers(""));
+    let f = Ferry::start(&cfg);
+    // One worker: one thread proxies and runs the signals, admin and reloads.
+    assert_eq!(threads(f.child.id()), 1);
+    // The config file becomes a FIFO: reading it blocks until a writer comes.
+    std::fs::remove_file(&f.config).expect("remove config");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&f.config)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    f.signal("HUP");
+    assert!(
+        f.wait_log("SIGHUP: reloading", DEADLINE).is_some(),
+        "{:?}",
+        f.logs.lock().unwrap()
+    );
+    // The reload waits on the file; requests and the admin API go on.
+    for _ in 0..20 {
+        let (st, body) = http_get(f.addr, "/", &[]);
+        assert_eq!(st, 200, "{body}");
+    }
+    assert_eq!(reloads(&f, "ok"), 0.0);
+    // A writer comes: the reload reads the file and applies it.
+    std::fs::write(&f.config, &cfg).expect("write the FIFO");
+    assert!(
+        wait_until(DEADLINE, || reloads(&f, "ok") == 1.0),
+        "{:?}",
+        f.logs.lock().unwrap()
+    );
+    assert_eq!(http_get(f.addr, "/", &[]).0, 200);
+}
