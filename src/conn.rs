@@ -102,12 +102,15 @@ impl ConnState {
         (self.state.load(Relaxed), self.since.load(Relaxed))
     }
 
-    /// Bytes of a request arrived.
+    /// Bytes of a request arrived. `true`: they are its first (the connection
+    /// was waiting).
     #[inline]
-    fn on_read(&self) {
-        if self.state.load(Relaxed) == WAITING {
+    pub fn on_read(&self) -> bool {
+        let first = self.state.load(Relaxed) == WAITING;
+        if first {
             self.set(READING);
         }
+        first
     }
 
     /// Back to Waiting, when the bytes read so far turned out not to be a
@@ -209,6 +212,11 @@ impl<T: Wire> ClientIo<T> {
     /// Read what the client sent onto the end of `buf`, through a buffer on
     /// the stack: while waiting, the connection holds no memory for reading.
     /// `Ok(0)`: the client closed.
+    ///
+    /// Unlike reads through [`AsyncRead`], this leaves the connection's state
+    /// to the caller: bytes that make a whole request head start a request
+    /// ([`ConnState::request_started`]) at once, and only a partial head calls
+    /// for [`ConnState::on_read`] (and its clock reading).
     pub fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
@@ -218,9 +226,6 @@ impl<T: Wire> ClientIo<T> {
             Some(s) => ready!(sock::poll_recv(s, cx, buf))?,
             None => ready!(sock::poll_read_into(&mut self.inner, cx, buf))?,
         };
-        if n > 0 {
-            self.state.on_read();
-        }
         Poll::Ready(Ok(n))
     }
 }

@@ -142,7 +142,19 @@ where
                 match take_request(&mut buf) {
                     Take::Request(req, fields, close) => break (req, fields, close),
                     Take::Partial => {}
-                    Take::Other => return Outcome::HandOff(buf),
+                    Take::Other => {
+                        client.state.on_read();
+                        return Outcome::HandOff(buf);
+                    }
+                }
+            }
+            if !buf.is_empty() && client.state.on_read() {
+                // The first part of a head (or of the HTTP/2 preface): the
+                // connection reads a request, under `client_header_timeout`
+                // from now, however far off the keep-alive timer was.
+                let by = Instant::now() + Duration::from_millis(limits.header_ms.max(1));
+                if timer.deadline() > by {
+                    timer.as_mut().reset(by);
                 }
             }
             let more = wait_for_bytes(

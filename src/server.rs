@@ -1111,7 +1111,13 @@ where
                     idle_closed = true;
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(header_ms));
                 } else {
-                    let wait = if limit == u64::MAX { period } else { limit - elapsed };
+                    let wait = match st {
+                        _ if limit == u64::MAX => period,
+                        // A head begun while waiting has `header_ms` from its
+                        // first byte: look again by then.
+                        WAITING => (limit - elapsed).min(header_ms),
+                        _ => limit - elapsed,
+                    };
                     sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
                 }
             }

@@ -66,6 +66,59 @@ fn a_trickled_request_head_does_not_reset_the_header_timer() {
 }
 
 #[test]
+fn a_head_begun_after_an_idle_spell_gets_the_whole_client_header_timeout() {
+    let (_b, f) = one_backend("keepalive_timeout = \"10s\"\nclient_header_timeout = \"1s\"");
+    // Keep-alive connections go idle after a request; one begins a head 0.5 s
+    // later, the others 1.5 s later (after the connection timer's first turn).
+    // Each is closed about 1 s after its first byte: not sooner (the idle
+    // spell does not count) and not at the 10 s keep-alive mark. A request
+    // with a body (`posted`) is served on the general HTTP/1.1 path, which
+    // keeps the connection from then on.
+    let mut early = RawConn::connect(f.addr);
+    let mut late = RawConn::connect(f.addr);
+    let mut posted = RawConn::connect(f.addr);
+    assert_eq!(early.request("GET", "/", &[]).status, 200);
+    assert_eq!(late.request("GET", "/", &[]).status, 200);
+    posted.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi");
+    assert_eq!(posted.read_response(false).status, 200);
+    let partial = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    std::thread::sleep(Duration::from_millis(500));
+    early.send(partial);
+    let early_sent = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    late.send(partial);
+    posted.send(partial);
+    let late_sent = Instant::now();
+    let early_closed = early
+        .wait_closed(Duration::from_secs(6))
+        .map(|_| early_sent.elapsed());
+    assert_between(
+        early_closed,
+        Duration::from_millis(700),
+        Duration::from_secs(5),
+        "head begun after 0.5 s idle",
+    );
+    let late_closed = late
+        .wait_closed(Duration::from_secs(6))
+        .map(|_| late_sent.elapsed());
+    assert_between(
+        late_closed,
+        Duration::from_millis(700),
+        Duration::from_secs(5),
+        "head begun after 1.5 s idle",
+    );
+    let posted_closed = posted
+        .wait_closed(Duration::from_secs(6))
+        .map(|_| late_sent.elapsed());
+    assert_between(
+        posted_closed,
+        Duration::from_millis(700),
+        Duration::from_secs(5),
+        "head begun after 1.5 s idle, after a request with a body",
+    );
+}
+
+#[test]
 fn an_idle_keepalive_connection_is_closed_after_keepalive_timeout() {
     let (_b, f) = one_backend("keepalive_timeout = \"1s\"\nclient_header_timeout = \"10s\"");
     let mut c = RawConn::connect(f.addr);
