@@ -89,33 +89,25 @@ fn a_head_begun_after_an_idle_spell_gets_the_whole_client_header_timeout() {
     late.send(partial);
     posted.send(partial);
     let late_sent = Instant::now();
-    let early_closed = early
-        .wait_closed(Duration::from_secs(6))
-        .map(|_| early_sent.elapsed());
-    assert_between(
-        early_closed,
-        Duration::from_millis(700),
-        Duration::from_secs(5),
-        "head begun after 0.5 s idle",
-    );
-    let late_closed = late
-        .wait_closed(Duration::from_secs(6))
-        .map(|_| late_sent.elapsed());
-    assert_between(
-        late_closed,
-        Duration::from_millis(700),
-        Duration::from_secs(5),
-        "head begun after 1.5 s idle",
-    );
-    let posted_closed = posted
-        .wait_closed(Duration::from_secs(6))
-        .map(|_| late_sent.elapsed());
-    assert_between(
-        posted_closed,
-        Duration::from_millis(700),
-        Duration::from_secs(5),
-        "head begun after 1.5 s idle, after a request with a body",
-    );
+    for (c, sent, what) in [
+        (&mut early, early_sent, "head begun after 0.5 s idle"),
+        (&mut late, late_sent, "head begun after 1.5 s idle"),
+        (
+            &mut posted,
+            late_sent,
+            "head begun after 1.5 s idle, after a request with a body",
+        ),
+    ] {
+        let closed = c
+            .wait_closed(Duration::from_secs(6))
+            .map(|_| sent.elapsed());
+        assert_between(
+            closed,
+            Duration::from_millis(700),
+            Duration::from_secs(5),
+            what,
+        );
+    }
 }
 
 #[test]
