@@ -27,6 +27,15 @@ pub const WRITING: u8 = 2;
 /// Closed (counted out).
 const CLOSED: u8 = 3;
 
+/// See [`ConnState::due`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// The timeout of this state (`WAITING` or `READING`) passed.
+    Passed(u8),
+    /// Look again in this many milliseconds.
+    In(u64),
+}
+
 /// State shared by a connection's IO wrapper, its requests and its timer.
 #[derive(Debug)]
 pub struct ConnState {
@@ -102,15 +111,41 @@ impl ConnState {
         (self.state.load(Relaxed), self.since.load(Relaxed))
     }
 
-    /// Bytes of a request arrived. `true`: they are its first (the connection
-    /// was waiting).
+    /// Bytes of a request arrived.
     #[inline]
-    pub fn on_read(&self) -> bool {
-        let first = self.state.load(Relaxed) == WAITING;
-        if first {
+    pub fn on_read(&self) {
+        if self.state.load(Relaxed) == WAITING {
             self.set(READING);
         }
-        first
+    }
+
+    /// What the connection's timer finds when it fires: whether the current
+    /// state's timeout passed (`client_header_timeout` for a first request or
+    /// a head begun, `keepalive_timeout` between requests), else when to look
+    /// again. The timer is not told when the state changes, so while waiting
+    /// it looks again at least every `header_ms`: a head begun meanwhile then
+    /// gets its whole `header_ms` from its first byte, however far off the
+    /// keep-alive deadline is.
+    pub fn due(&self, header_ms: u64, keepalive_ms: u64, period: u64) -> Due {
+        let (st, since) = self.get();
+        let limit = match st {
+            WAITING if self.served_any() => keepalive_ms,
+            WAITING | READING => header_ms,
+            _ => return Due::In(period.max(1)),
+        };
+        let elapsed = now_ms().saturating_sub(since);
+        if elapsed >= limit {
+            return Due::Passed(st);
+        }
+        let left = limit - elapsed;
+        Due::In(
+            if st == WAITING {
+                left.min(header_ms)
+            } else {
+                left
+            }
+            .max(1),
+        )
     }
 
     /// Back to Waiting, when the bytes read so far turned out not to be a
@@ -377,6 +412,40 @@ pub fn wake_stop_watchers() {
 mod tests {
     use super::*;
     use std::future::poll_fn;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_begun_while_waiting_gets_the_whole_header_timeout() {
+        let counters: &'static WorkerCounters = Box::leak(Box::default());
+        let (header, keepalive) = (1_000, 10_000);
+        let s = ConnState::new(counters);
+        // A new connection has `header` for its first request.
+        assert_eq!(s.due(header, keepalive, header), Due::In(1_000));
+        tokio::time::advance(Duration::from_millis(400)).await;
+        assert_eq!(s.due(header, keepalive, header), Due::In(600));
+        // Served at 0.4 s: waiting between requests is under `keepalive`, but
+        // the timer looks again within `header`.
+        s.request_started(now_ms());
+        s.request_finished(now_ms());
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(s.due(header, keepalive, header), Due::In(1_000));
+        // A head begins at 1.4 s: it has 1 s from then, not from the wait.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        s.on_read();
+        tokio::time::advance(Duration::from_millis(900)).await;
+        assert_eq!(s.due(header, keepalive, header), Due::In(100));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(s.due(header, keepalive, header), Due::Passed(READING));
+        // A connection waiting longer than `keepalive` is done too.
+        let idle = ConnState::new(counters);
+        idle.request_started(now_ms());
+        idle.request_finished(now_ms());
+        tokio::time::advance(Duration::from_millis(10_000)).await;
+        assert_eq!(idle.due(header, keepalive, header), Due::Passed(WAITING));
+        // While a request is served, no timeout of these applies.
+        idle.request_started(now_ms());
+        tokio::time::advance(Duration::from_millis(60_000)).await;
+        assert_eq!(idle.due(header, keepalive, header), Due::In(1_000));
+    }
 
     fn registered() -> usize {
         STOP_WATCHERS.with(|w| w.borrow().len())

@@ -30,8 +30,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::body::ClientBody;
-use crate::conn::{ClientIo, ConnState, READING, StopWatch, WAITING};
-use crate::peer::now_ms;
+use crate::conn::{ClientIo, ConnState, Due, StopWatch};
 use crate::proxy::{Ctx, Exchange, RespBody};
 use crate::server::{Client, H2_PREFACE, MAX_HEAD, serve_h1_hyper, serve_h2};
 use crate::sock::Wire;
@@ -148,14 +147,10 @@ where
                     }
                 }
             }
-            if !buf.is_empty() && client.state.on_read() {
-                // The first part of a head (or of the HTTP/2 preface): the
-                // connection reads a request, under `client_header_timeout`
-                // from now, however far off the keep-alive timer was.
-                let by = Instant::now() + Duration::from_millis(limits.header_ms.max(1));
-                if timer.deadline() > by {
-                    timer.as_mut().reset(by);
-                }
+            if !buf.is_empty() {
+                // Part of a head (or of the HTTP/2 preface): the connection
+                // is reading a request.
+                client.state.on_read();
             }
             let more = wait_for_bytes(
                 io,
@@ -291,18 +286,10 @@ async fn wait_for_bytes<I: Wire>(
             biased;
             r = std::future::poll_fn(|cx| io.poll_fill(cx, buf)) => return r.map(|n| n > 0),
             _ = timer.as_mut() => {
-                let (st, since) = state.get();
-                let limit = match st {
-                    WAITING if state.served_any() => limits.keepalive_ms,
-                    WAITING | READING => limits.header_ms,
-                    _ => u64::MAX,
-                };
-                let elapsed = now_ms().saturating_sub(since);
-                if elapsed >= limit {
-                    return Ok(false);
+                match state.due(limits.header_ms, limits.keepalive_ms, limits.period()) {
+                    Due::Passed(_) => return Ok(false),
+                    Due::In(ms) => timer.as_mut().reset(Instant::now() + Duration::from_millis(ms)),
                 }
-                let wait = if limit == u64::MAX { limits.period() } else { limit - elapsed };
-                timer.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
             }
             _ = std::future::poll_fn(|cx| watch.poll_stop(cx, stop)) => return Ok(false),
         }

@@ -35,10 +35,9 @@ use crate::accesslog::AccessLog;
 use crate::admin::{AdminHandle, ReloadReply};
 use crate::body::ClientBody;
 use crate::config::Config;
-use crate::conn::{ConnState, READING, WAITING};
+use crate::conn::{ConnState, Due, READING};
 use crate::discovery::{self, Dns, Target};
 use crate::metrics::Metrics;
-use crate::peer::now_ms;
 use crate::proxy::{Ctx, Shared, handle};
 use crate::runtime::Runtime;
 use http::Request;
@@ -1093,32 +1092,16 @@ where
                     // exchange (answer its PING, close) within the header timeout.
                     break;
                 }
-                let (st, since) = state.get();
-                let now = now_ms();
-                let limit = match st {
-                    WAITING if state.served_any() => keepalive_ms,
-                    WAITING | READING => header_ms,
-                    _ => u64::MAX,
-                };
-                let elapsed = now.saturating_sub(since);
-                if elapsed >= limit {
-                    if st == READING {
-                        // Slow request head: close without an answer, as nginx does.
-                        break;
+                match state.due(header_ms, keepalive_ms, period) {
+                    // Slow request head: close without an answer, as nginx does.
+                    Due::Passed(READING) => break,
+                    Due::Passed(_) => {
+                        shutdown(conn.as_mut());
+                        closing = true;
+                        idle_closed = true;
+                        sleep.as_mut().reset(Instant::now() + Duration::from_millis(header_ms));
                     }
-                    shutdown(conn.as_mut());
-                    closing = true;
-                    idle_closed = true;
-                    sleep.as_mut().reset(Instant::now() + Duration::from_millis(header_ms));
-                } else {
-                    let wait = match st {
-                        _ if limit == u64::MAX => period,
-                        // A head begun while waiting has `header_ms` from its
-                        // first byte: look again by then.
-                        WAITING => (limit - elapsed).min(header_ms),
-                        _ => limit - elapsed,
-                    };
-                    sleep.as_mut().reset(Instant::now() + Duration::from_millis(wait.max(1)));
+                    Due::In(ms) => sleep.as_mut().reset(Instant::now() + Duration::from_millis(ms)),
                 }
             }
             _ = state.abusive(), if multiplexed => {
