@@ -311,10 +311,21 @@ pub fn config(upstream_extra: &str, servers: &str) -> String {
 // Helpers for the pool, failure, streaming and CLI tests.
 
 /// An address on loopback where nothing listens: connecting to it is refused.
+///
+/// The port stays bound (to a socket that never listens) for the rest of the
+/// test process, so that no other test's listener or connection can take it
+/// meanwhile and answer in its place.
 pub fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let a = l.local_addr().expect("local addr");
-    drop(l);
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let a = s
+        .local_addr()
+        .expect("local addr")
+        .as_socket()
+        .expect("an IP address");
+    std::mem::forget(s);
     a
 }
 
