@@ -124,6 +124,10 @@ where
     // `wait_for_bytes`): serving a request costs no timer work.
     let timer = tokio::time::sleep(Duration::from_millis(limits.period()));
     tokio::pin!(timer);
+    let mut timer = ConnTimer {
+        sleep: timer,
+        armed: false,
+    };
     let mut buf = BytesMut::new();
     loop {
         let (req, fields, mut close) = loop {
@@ -156,7 +160,7 @@ where
                 io,
                 &mut buf,
                 &client.state,
-                timer.as_mut(),
+                &mut timer,
                 stop,
                 &mut watch,
                 &limits,
@@ -170,7 +174,7 @@ where
         // Boxed: the request's state exists only while it is served, and an
         // idle connection keeps just what waiting needs.
         let serving = Box::pin(serve_one(io, &ctx, req, fields, close, stop));
-        match with_ticks(serving, timer.as_mut(), &ctx.read_deadline, &limits).await {
+        match with_ticks(serving, &mut timer, &ctx.read_deadline, &limits).await {
             Ok(false) => {}
             Ok(true) => return Outcome::Close,
             Err(_) => return Outcome::Closed,
@@ -225,7 +229,7 @@ fn serve_one<'a, I: AsyncWrite + Unpin>(
 /// see its `read_timeout` pass without a timer of its own.
 async fn with_ticks<F: Future>(
     mut serving: Pin<Box<F>>,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    timer: &mut ConnTimer<'_>,
     deadline: &AtomicU64,
     limits: &Limits,
 ) -> F::Output {
@@ -240,20 +244,52 @@ async fn with_ticks<F: Future>(
                 return Poll::Pending;
             }
             let at = crate::peer::instant_at_ms(due);
-            if timer.deadline() > at {
-                timer.as_mut().reset(at);
+            if timer.sleep.deadline() > at {
+                timer.reset(at);
             }
-            if timer.as_mut().poll(cx).is_pending() {
+            if timer.poll_fired(cx).is_pending() {
                 return Poll::Pending;
             }
             // Fired: the request looks at its deadline again; the timer goes
             // back to its usual period (the request re-arms it if it waits on).
-            timer
-                .as_mut()
-                .reset(Instant::now() + Duration::from_millis(limits.period()));
+            timer.reset(Instant::now() + Duration::from_millis(limits.period()));
         }
     })
     .await
+}
+
+/// A connection's one timer. Polling a `Sleep` registers the task's waker
+/// with it each time; here it is polled once after each setting, and after
+/// that whether it fired is a look at its state: the wheel wakes the task
+/// with the waker it holds.
+struct ConnTimer<'a> {
+    sleep: Pin<&'a mut tokio::time::Sleep>,
+    /// Polled (holding the task's waker) since it was last set.
+    armed: bool,
+}
+
+impl ConnTimer<'_> {
+    fn reset(&mut self, at: Instant) {
+        self.sleep.as_mut().reset(at);
+        self.armed = false;
+    }
+
+    /// Ready once the timer fired.
+    fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.armed {
+            return if self.sleep.is_elapsed() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            };
+        }
+        // Out of budget, a poll returns `Pending` without taking the waker:
+        // the next poll (soon: the task is woken again) arms it then.
+        let budget = tokio::task::coop::has_budget_remaining();
+        let r = self.sleep.as_mut().poll(cx);
+        self.armed = budget && r.is_pending();
+        r
+    }
 }
 
 impl Limits {
@@ -276,7 +312,7 @@ async fn wait_for_bytes<I: Wire>(
     io: &mut ClientIo<I>,
     buf: &mut BytesMut,
     state: &ConnState,
-    mut timer: Pin<&mut tokio::time::Sleep>,
+    timer: &mut ConnTimer<'_>,
     stop: &tokio::sync::watch::Receiver<bool>,
     watch: &mut StopWatch,
     limits: &Limits,
@@ -285,10 +321,10 @@ async fn wait_for_bytes<I: Wire>(
         tokio::select! {
             biased;
             r = std::future::poll_fn(|cx| io.poll_fill(cx, buf)) => return r.map(|n| n > 0),
-            _ = timer.as_mut() => {
+            _ = std::future::poll_fn(|cx| timer.poll_fired(cx)) => {
                 match state.due(limits.header_ms, limits.keepalive_ms, limits.period()) {
                     Due::Passed(_) => return Ok(false),
-                    Due::In(ms) => timer.as_mut().reset(Instant::now() + Duration::from_millis(ms)),
+                    Due::In(ms) => timer.reset(Instant::now() + Duration::from_millis(ms)),
                 }
             }
             _ = std::future::poll_fn(|cx| watch.poll_stop(cx, stop)) => return Ok(false),

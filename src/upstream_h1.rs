@@ -196,6 +196,11 @@ impl Conn {
     /// to the runtime, so a connection with nothing new costs no system call.
     /// A close, an error or unasked-for bytes all make it unusable.
     pub fn is_usable(&mut self) -> bool {
+        if let UpIo::Plain(s) = &self.io {
+            // Known not readable: no system call, and no waker to register.
+            let mut b = [0u8; 64];
+            return matches!(s.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        }
         let mut cx = Context::from_waker(Waker::noop());
         let mut b = [MaybeUninit::<u8>::uninit(); 64];
         let mut rb = ReadBuf::uninit(&mut b);
