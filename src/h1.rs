@@ -745,7 +745,9 @@ pub(crate) fn is(s: &[u8], lower: &[u8]) -> bool {
 }
 
 /// `name: value` and a line end, into a head being written.
+#[inline(always)]
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

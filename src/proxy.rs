@@ -635,6 +635,7 @@ impl Exchange {
 
     /// The response for the client, which finishes the request when its body
     /// ends. What was kept for sending the request again goes now.
+    #[inline]
     pub(crate) fn end(self, ctx: &Ctx, resp: Response<Kind>) -> Response<RespBody> {
         end(ctx, resp, self.done, self.had_body)
     }

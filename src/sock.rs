@@ -66,11 +66,9 @@ pub fn poll_recv(
             Ok(n)
         });
         match r {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if n > 0 {
-                    return Poll::Ready(Ok(n));
-                }
-            }
+            // Bytes came: the error is the drained socket's (see above).
+            Err(_) if n > 0 => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             r => return Poll::Ready(r),
         }
     }
@@ -97,6 +95,7 @@ pub fn poll_read_into<R: AsyncRead + Unpin>(
 /// not: the send is tried first, and only a socket not known writable (or
 /// one the kernel finds full) has the task wait for readiness. Reads, which
 /// wait for the peer, still count against tokio's cooperative budget.
+#[inline]
 pub fn poll_send(s: &TcpStream, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
     loop {
         let r = s.try_io(Interest::WRITABLE, || {
