@@ -923,8 +923,51 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Take, is, parse_length, take_request};
+    use super::{ConnTimer, Take, is, parse_length, take_request};
     use bytes::BytesMut;
+    use std::future::poll_fn;
+    use std::task::Poll;
+    use std::time::Duration;
+    use tokio::time::{Instant, timeout};
+
+    /// The connection timer fires after each setting, also when the poll that
+    /// was to hand it the task's waker came with the task's budget spent.
+    #[tokio::test(start_paused = true)]
+    async fn the_connection_timer_fires_after_each_setting() {
+        let sleep = tokio::time::sleep(Duration::from_millis(100));
+        tokio::pin!(sleep);
+        let mut t = ConnTimer {
+            sleep,
+            armed: false,
+        };
+        let start = Instant::now();
+        let fired = timeout(Duration::from_secs(10), poll_fn(|cx| t.poll_fired(cx))).await;
+        assert!(fired.is_ok(), "the first setting never fired");
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+
+        t.reset(Instant::now() + Duration::from_millis(50));
+        let start = Instant::now();
+        let mut spent = false;
+        let waited = poll_fn(|cx| {
+            if !spent {
+                spent = true;
+                while let Poll::Ready(r) = tokio::task::coop::poll_proceed(cx) {
+                    r.made_progress();
+                }
+                // Out of budget: the poll takes no waker, so it arms nothing
+                // (the runtime polls the task again, with a new budget).
+                assert!(t.poll_fired(cx).is_pending());
+                assert!(!t.armed);
+                return Poll::Pending;
+            }
+            t.poll_fired(cx)
+        });
+        let fired = timeout(Duration::from_secs(10), waited).await;
+        assert!(fired.is_ok(), "the second setting never fired");
+        assert_eq!(start.elapsed(), Duration::from_millis(50));
+        // Once it fired, it says so without a poll.
+        assert!(t.armed && t.sleep.is_elapsed());
+    }
 
     /// The request and fields `take_request` makes of a head.
     fn take(head: impl AsRef<[u8]>) -> (http::Request<crate::body::ClientBody>, super::ReqFields) {
