@@ -7,18 +7,31 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The demo's process, killed when the test ends however it ends: a failed
+/// check must not leave it holding its ports for the tests after it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn demo_serves_on_8080_with_admin_on_9180_and_stops_on_ctrl_c() {
-    let mut child = Command::new(bin())
-        .arg("demo")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ferry demo");
+    let mut child = Reaped(
+        Command::new(bin())
+            .arg("demo")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ferry demo"),
+    );
     let out = Arc::new(Mutex::new(Vec::<String>::new()));
     for r in [
-        Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-        Box::new(child.stderr.take().unwrap()),
+        Box::new(child.0.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+        Box::new(child.0.stderr.take().unwrap()),
     ] {
         let out = Arc::clone(&out);
         std::thread::spawn(move || {
@@ -54,13 +67,13 @@ fn demo_serves_on_8080_with_admin_on_9180_and_stops_on_ctrl_c() {
 
     // Ctrl-C.
     let st = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &child.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(st.success());
     let start = Instant::now();
     let code = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
+        if let Some(st) = child.0.try_wait().expect("wait") {
             break st.code();
         }
         assert!(start.elapsed() < DEADLINE, "demo did not stop on SIGINT");
